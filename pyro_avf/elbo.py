@@ -1,0 +1,147 @@
+"""AmortizedFilteringELBO: the filtering free energy of one guide pass, without replaying the model.
+
+The loss of a call is
+
+.. math::
+
+    \\mathcal{L} = \\sum_t \\mathcal{F}_t(\\lambda_{t,K}) + \\text{(sites outside steps)}
+        + \\sum_t \\sum_{0<k<K} \\lambda_{t,k}^\\top
+          \\mathrm{sg}\\left[\\nabla_\\lambda \\mathcal{F}_t(\\lambda_{t,k})\\right] - \\mathrm{sg}[\\cdot],
+
+so the model parameters θ learn from the final step free energies (AVF Algorithm 1, M-step) and the update
+networks φ from the free energies of every inference iteration (the last sum has value 0; ``sg`` stops
+gradients). KL terms are analytic where prior and posterior are both Normal (in the unconstrained space).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from pyro.infer.elbo import ELBO
+
+from pyro_avf.free_energy import Terms, stack_terms
+from pyro_avf.guide import IterativeGuide
+
+
+class AmortizedFilteringELBO(ELBO):
+    """The ELBO for :class:`~pyro_avf.IterativeGuide`.
+
+    :param int num_particles: independent guide passes averaged per step.
+    :param float kl_weight: β multiplying every KL term (KL annealing: set it each epoch, e.g.
+        ``elbo.kl_weight = min(1.0, epoch / 50)``).
+    :param bool train_all_iterations: train the update networks on the free energy of every inference iteration
+        (True, the default) or only on the final one.
+
+    After each call, :attr:`diagnostics` holds ``free_energy``, ``kl`` and ``reconstruction`` tensors shaped
+    ``(batch, time, K + 1)`` (iteration 0 is the prior prediction, iteration K the final posterior; batch is
+    the flattened outer plates of the step), ``observed`` ``(batch, time)`` (whether a step observed anything
+    unmasked) and ``step_executions`` (executions of step functions in the pass).
+
+    Example::
+
+        elbo = AmortizedFilteringELBO()
+        svi = SVI(model, IterativeGuide(model), pyro.optim.Adam({"lr": 1e-3}), loss=elbo)
+        svi.step(xs)
+        elbo.diagnostics["free_energy"].mean((0, 1))  # average free energy per inference iteration
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        kl_weight: float = 1.0,
+        train_all_iterations: bool = True,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = False,
+    ):
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+        )
+        self.kl_weight = kl_weight
+        self.train_all_iterations = train_all_iterations
+        self.diagnostics: Dict[str, object] = {}
+
+    def _check_guide(self, guide) -> IterativeGuide:
+        if not isinstance(guide, IterativeGuide):
+            raise TypeError(
+                f"AmortizedFilteringELBO needs a pyro_avf.IterativeGuide, got {type(guide).__name__}; "
+                "use pyro.infer.Trace_ELBO for other guides."
+            )
+        return guide
+
+    def _pass(self, model, guide: IterativeGuide, args, kwargs) -> torch.Tensor:
+        guide.kl_weight = self.kl_weight
+        if self.vectorize_particles and self.num_particles > 1:
+            self._vectorized_num_particles(guide)(*args, **kwargs)
+        else:
+            guide(*args, **kwargs)
+        record = guide.last_pass
+        model_trace, _ = guide.get_traces()
+        step_terms = [Terms(r.ctx.batch_shape, self.kl_weight) for r in record.steps]
+        other = Terms(torch.Size(), self.kl_weight)
+        for site in model_trace.nodes.values():
+            if site["type"] != "sample" or site["infer"].get("_deterministic"):
+                continue
+            t = site["infer"].get("avf_step")
+            terms = other if t is None or t >= len(step_terms) else step_terms[t]
+            if site["is_observed"]:
+                terms.add_observation(site["fn"], site["value"], site["mask"], site["scale"])
+            else:
+                q = _guide_fn(guide, site["name"])
+                terms.add_latent(q, site["fn"], site["value"], site["mask"], site["scale"], site["infer"]["avf_lambda"])
+        loss = other.loss + sum(t.loss for t in step_terms)
+        if self.train_all_iterations:
+            loss = loss + record.surrogate
+        self._record_diagnostics(record, step_terms)
+        return loss
+
+    def _record_diagnostics(self, record, step_terms) -> None:
+        if not record.steps or any(t.free_energy.shape != step_terms[0].free_energy.shape for t in step_terms):
+            self.diagnostics = {"step_executions": record.step_executions}
+            return
+
+        fe = [[*r.free_energy, t.free_energy.detach()] for r, t in zip(record.steps, step_terms)]
+        kl = [[*r.kl, t.kl.detach()] for r, t in zip(record.steps, step_terms)]
+        rec = [[*r.reconstruction, t.reconstruction.detach()] for r, t in zip(record.steps, step_terms)]
+        self.diagnostics = {
+            "free_energy": _stack(fe),
+            "kl": _stack(kl),
+            "reconstruction": _stack(rec),
+            "observed": stack_terms([t.observed for t in step_terms]),
+            "step_executions": record.step_executions,
+        }
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """Not used: this ELBO reads the traces of the guide's single pass (see :meth:`differentiable_loss`)."""
+        guide = self._check_guide(guide)
+        guide(*args, **kwargs)
+        return guide.get_traces()
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """The loss as a differentiable tensor (averaged over particles)."""
+        guide = self._check_guide(guide)
+        n = 1 if self.vectorize_particles else self.num_particles
+        loss = sum(self._pass(model, guide, args, kwargs) for _ in range(n)) / n
+        if self.vectorize_particles and self.num_particles > 1:
+            loss = loss / self.num_particles
+        return loss
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The loss value (inference still needs gradients with respect to λ, so autograd stays on)."""
+        return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()
+
+
+def _guide_fn(guide: IterativeGuide, name: str):
+    return guide.trace.nodes[name]["fn"]
+
+
+def _stack(per_step) -> torch.Tensor:
+    """``[[(batch...) per iteration] per step]`` -> ``(batch, time, iterations)``."""
+    return torch.stack([torch.stack([x.reshape(-1) for x in its], -1) for its in per_step], 1)

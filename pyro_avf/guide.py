@@ -1,0 +1,427 @@
+"""IterativeGuide: amortized variational filtering for any Pyro program with a marked time step.
+
+At every call of a :func:`~pyro_avf.filtering_step` the guide
+
+1. runs the step with each latent slot at its prior: the *prediction*, iteration 0, initialises
+   :math:`q(z_t)` at :math:`p_\\theta(z_t \\mid x_{<t}, z_{<t})` (a diagonal Normal in the unconstrained space);
+2. for :math:`k = 0, \\dots, K-1`: draws :math:`z_t \\sim q_{\\lambda_k}`, re-runs the step (hidden from every
+   trace), forms the step free energy (AVF Eq. 9)
+
+   .. math::
+
+       \\mathcal{F}_t(\\lambda) = -\\mathbb{E}_{q_\\lambda}\\left[\\log p_\\theta(x_t \\mid x_{<t}, z_{\\le t})\\right]
+           + D_{KL}\\left(q_\\lambda(z_t) \\,\\|\\, p_\\theta(z_t \\mid x_{<t}, z_{<t})\\right)
+
+   and updates :math:`\\lambda_{k+1} = f_\\phi(\\lambda_k, \\nabla_\\lambda \\mathcal{F}_t)` (AVF Eq. 13; a learned
+   :class:`~pyro_avf.updates.UpdateNetwork` per latent slot, or SGD/Adam for non-amortized filtering EM);
+3. lets the model run the step a last time with :math:`z_t \\sim q_{\\lambda_K}` recorded as the guide's sample
+   site, and hands the step's return value on to the next step.
+
+A model with latent sites but no marked step is treated as one step (iterative amortized inference for a
+static model). Latent sites outside any step get a mean-field Normal.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, List, Optional
+
+import pyro
+import torch
+from pyro.poutine.guide import GuideMessenger
+from pyro.poutine.markov_messenger import MarkovMessenger
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK, Message
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from pyro_avf.free_energy import StepContext
+from pyro_avf.posterior import check_continuous_latent, posterior, unconstrained_event_dim, unconstrained_moments
+from pyro_avf.step import STEP_TYPE
+from pyro_avf.step_run import Lambda, StepRun, check_finite_observation
+from pyro_avf.updates import AdamUpdate, SGDUpdate, UpdateNetwork
+
+UPDATES = ("highway", "learned_sgd", "sgd", "adam")
+
+
+class StepRecord:
+    """Per-iteration diagnostics of one step: per-element free energy, KL and reconstruction (detached)."""
+
+    def __init__(self, t: int, ctx: StepContext):
+        self.t, self.ctx = t, ctx
+        self.free_energy: List[torch.Tensor] = []
+        self.kl: List[torch.Tensor] = []
+        self.reconstruction: List[torch.Tensor] = []
+
+    def add(self, runs: List[StepRun]) -> None:
+        n = len(runs)
+        self.free_energy.append(sum(r.terms.free_energy.detach() for r in runs) / n)
+        self.kl.append(sum(r.terms.kl.detach() for r in runs) / n)
+        self.reconstruction.append(sum(r.terms.reconstruction.detach() for r in runs) / n)
+
+
+class PassRecord:
+    """What one guide call leaves for the ELBO: the update networks' surrogate loss and diagnostics.
+
+    ``surrogate`` has value 0 and gradient :math:`\\sum_{t,k<K} \\nabla_\\phi \\lambda_{t,k}^\\top
+    \\nabla_\\lambda \\mathcal{F}_t(\\lambda_{t,k})`: the update networks' gradient from the free energies of the
+    intermediate iterations, with no gradient to the model.
+    """
+
+    def __init__(self):
+        self.surrogate = torch.zeros(())
+        self.steps: List[StepRecord] = []
+        self.step_executions = 0
+
+
+class _ActiveStep:
+    """The posteriors handed to the final run of a step, slot by slot."""
+
+    def __init__(self, lambdas: Optional[List[Lambda]]):
+        self.lambdas = lambdas
+        self.num_latent = 0
+        self.num_observed = 0
+        self.latent_names: List[str] = []
+
+    def next_posterior(self, name: str, prior):
+        if self.lambdas is None:
+            loc, scale = unconstrained_moments(prior)
+            lam = (loc, scale.log())
+        elif self.num_latent < len(self.lambdas):
+            lam = self.lambdas[self.num_latent]
+        else:
+            raise RuntimeError(
+                f"pyro_avf: latent site '{name}' appeared in the final run of a step but not while inferring "
+                "it; a filtering step must sample the same latent sites every time it runs."
+            )
+        self.num_latent += 1
+        self.latent_names.append(name)
+        return posterior(lam[0], lam[1], prior), lam
+
+
+class _StepDetector(Messenger):
+    """Finds out whether a model has a marked step (stopping at the first one)."""
+
+    class Found(Exception):
+        pass
+
+    def _pyro_filtering_step(self, msg: Message) -> None:
+        raise self.Found()
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if not msg["is_observed"] and not site_is_subsample(msg):
+            check_not_in_markov_loop(msg["name"], _PYRO_STACK)
+
+
+def check_not_in_markov_loop(name: str, stack) -> None:
+    """Latent sites inside ``pyro.markov`` but outside any marked step are almost surely a forgotten marker."""
+    if any(isinstance(f, MarkovMessenger) for f in stack):
+        raise ValueError(
+            f"pyro_avf: latent site '{name}' is sampled inside a pyro.markov loop but not inside a function "
+            "marked with @pyro_avf.filtering_step. Move the body of the loop into a function, decorate it with "
+            "@pyro_avf.filtering_step and call it once per time step, e.g.\n"
+            "    @pyro_avf.filtering_step\n"
+            "    def step(t, state, x_t): ...\n"
+            "    for t in pyro.markov(range(T)):\n"
+            "        state = step(t, state, xs[:, t])"
+        )
+
+
+class IterativeGuide(GuideMessenger, nn.Module):
+    """Amortized variational filtering guide for a Pyro model with a :func:`~pyro_avf.filtering_step`.
+
+    :param callable model: the Pyro model.
+    :param int num_iterations: K, the number of inference iterations per step (0: the posterior is the prior).
+    :param str update: ``"highway"`` (gated learned update, the AVF paper's), ``"learned_sgd"``
+        (:math:`\\lambda - \\eta\\odot\\nabla + \\Delta`), or ``"sgd"`` / ``"adam"`` for non-amortized filtering EM.
+    :param str encoding: ``"gradient"`` or ``"error"`` (prediction errors; Gaussian models).
+    :param bool encode_observation: also feed the step's observations to the update network.
+    :param int hidden_size: units per hidden layer of the update networks.
+    :param float lr: step size of ``"sgd"`` / ``"adam"``; initial step of ``"learned_sgd"``.
+    :param float lr_decay: γ in :math:`\\eta_k = \\eta/(1+k)^\\gamma` for ``"sgd"`` / ``"adam"``.
+    :param int num_samples: Monte-Carlo samples per inference-gradient estimate.
+    :param float init_scale: initial scale of the mean-field posterior of latent sites outside any step.
+
+    Example::
+
+        guide = IterativeGuide(model, num_iterations=5)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=AmortizedFilteringELBO())
+        svi.step(xs)
+    """
+
+    def __init__(
+        self,
+        model,
+        num_iterations: int = 5,
+        *,
+        update: str = "highway",
+        encoding: str = "gradient",
+        encode_observation: bool = False,
+        hidden_size: int = 256,
+        lr: float = 0.1,
+        lr_decay: float = 0.0,
+        num_samples: int = 1,
+        init_scale: float = 0.1,
+    ):
+        nn.Module.__init__(self)
+        GuideMessenger.__init__(self, model)
+        if not isinstance(num_iterations, int) or num_iterations < 0:
+            raise ValueError(f"num_iterations must be a non-negative integer, got {num_iterations!r}")
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if encoding not in ("gradient", "error"):
+            raise ValueError(f"encoding must be 'gradient' or 'error', got {encoding!r}")
+        self.num_iterations = num_iterations
+        self.update = update
+        self.encoding = encoding
+        self.encode_observation = encode_observation
+        self.hidden_size = hidden_size
+        self.lr = lr
+        self.num_samples = num_samples
+        self.init_scale = init_scale
+        self.update_nets = nn.ModuleDict()
+        self.optimizer = {"sgd": SGDUpdate, "adam": AdamUpdate}.get(update, lambda lr, decay: None)(lr, lr_decay)
+        self.kl_weight = 1.0
+        self.online = False
+        self.last_pass: Optional[PassRecord] = None
+        self._slots: Dict[int, tuple] = {}
+        self._static: Optional[bool] = None
+        self._active: Optional[_ActiveStep] = None
+        self._t = 0
+
+    @property
+    def amortized(self) -> bool:
+        return self.optimizer is None
+
+    # ----- running the model -----
+
+    def __call__(self, *args, **kwargs) -> Dict[str, torch.Tensor]:  # type: ignore[override]
+        """Run the model under the guide; return the value of every sample site (latent and observed)."""
+        self.last_pass = PassRecord()
+        self._t, self._active = 0, None
+        for key, net in self.update_nets.items():
+            pyro.module(f"avf_update_{key}", net)
+        if self._static is None:
+            self._static = not self._has_step(args, kwargs)
+        self.args_kwargs = args, kwargs
+        try:
+            with self:
+                if self._static:
+                    self._run_static(args, kwargs)
+                else:
+                    self.model(*args, **kwargs)
+        finally:
+            del self.args_kwargs
+            self._active = None
+        model_trace, _ = self.get_traces()
+        return {name: site["value"] for name, site in model_trace.nodes.items() if site["type"] == "sample"}
+
+    def _has_step(self, args, kwargs) -> bool:
+        try:
+            with pyro.poutine.block(), torch.no_grad(), _StepDetector():
+                self.model(*args, **kwargs)
+        except _StepDetector.Found:
+            return True
+        return False
+
+    def _run_static(self, args, kwargs) -> None:
+        msg = Message(type=STEP_TYPE, name="model", fn=self.model, is_observed=False, args=args, kwargs=kwargs,
+                      value=None, scale=1.0, mask=None, cond_indep_stack=(), done=False, stop=False,
+                      continuation=None, infer={})  # fmt: skip
+        self._pyro_filtering_step(msg)
+        self.model(*args, **kwargs)
+        self._pyro_post_filtering_step(msg)
+
+    def _context(self, msg: Message) -> StepContext:
+        """The plates, scale and mask that the handlers around a step add to its sites."""
+        probe = Message(**{**msg, "cond_indep_stack": tuple(msg["cond_indep_stack"]), "stop": False})
+        below = _PYRO_STACK[: _PYRO_STACK.index(self)] if self in _PYRO_STACK else []
+        for frame in reversed(below):
+            frame._process_message(probe)
+            if probe["stop"]:
+                break
+        return StepContext(tuple(probe["cond_indep_stack"]), probe["scale"], probe["mask"])
+
+    # ----- effect handlers -----
+
+    def _pyro_filtering_step(self, msg: Message) -> None:
+        if self._active is not None:
+            raise RuntimeError("pyro_avf: a filtering step was called inside another filtering step.")
+        ctx = self._context(msg)
+        lambdas = self._infer_step(msg["fn"], msg["args"], msg["kwargs"], ctx)
+        if self.online:
+            self._finish_online(msg, ctx, lambdas)
+            return
+        self._active = _ActiveStep(lambdas)
+        self.last_pass.step_executions += 1
+
+    def _finish_online(self, msg: Message, ctx: StepContext, lambdas: Optional[List[Lambda]]) -> None:
+        """Online filtering: the final run is scored here, nothing is traced and no graph leaves the step."""
+        if lambdas is not None:
+            lambdas = [(loc.detach(), log_scale.detach()) for loc, log_scale in lambdas]
+        with torch.no_grad():
+            run = StepRun(ctx, lambdas, self.kl_weight)
+            with run:
+                value = msg["fn"](*msg["args"], **msg["kwargs"])
+        self.last_pass.step_executions += 1
+        self.last_pass.steps[-1].add([run])
+        self.last_pass.steps[-1].observed = run.terms.observed
+        self.last_pass.steps[-1].final_lambdas = [rec.lam for rec in run.latents]
+        msg["value"] = torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
+        msg["done"] = True
+
+    def _pyro_post_filtering_step(self, msg: Message) -> None:
+        active, self._active = self._active, None
+        if active is None:
+            self._t += 1
+            return
+        if active.lambdas is not None and active.num_latent != len(active.lambdas):
+            raise RuntimeError(
+                f"pyro_avf: step {self._t} sampled {active.num_latent} latent sites in its final run but "
+                f"{len(active.lambdas)} while inferring them; a filtering step must be repeatable."
+            )
+        if active.num_latent and not active.num_observed:
+            warnings.warn(
+                f"pyro_avf: filtering step {self._t} has latent sites {active.latent_names} but observes "
+                "nothing, so its posterior can only be the prior.",
+                stacklevel=2,
+            )
+        self._t += 1
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if site_is_subsample(msg):
+            return
+        name, active = msg["name"], self._active
+        if msg["is_observed"]:
+            check_finite_observation(name, msg["value"])
+            if active is not None:
+                active.num_observed += 1
+                msg["infer"]["avf_step"] = self._t
+            return
+        prior = msg["fn"]
+        check_continuous_latent(name, prior)
+        if active is not None:
+            q, lam = active.next_posterior(name, prior)
+            self._check_slot(active.num_latent - 1, name, lam[0], prior)
+            msg["infer"]["avf_step"] = self._t
+        else:
+            check_not_in_markov_loop(name, _PYRO_STACK[_PYRO_STACK.index(self) + 1 :])
+            q, lam = self._global_posterior(name, prior)
+        msg["infer"]["prior"] = prior
+        msg["infer"]["avf_lambda"] = lam
+        if q.batch_shape != prior.batch_shape:
+            q = q.expand(prior.batch_shape)
+        msg["fn"] = q
+
+    def get_posterior(self, name: str, prior):
+        """Mean-field Normal posterior (in the unconstrained space) of a latent site outside any step."""
+        return self._global_posterior(name, prior)[0]
+
+    def _global_posterior(self, name: str, prior):
+        loc = pyro.param(f"avf_global.{name}.loc", lambda: unconstrained_moments(prior)[0])
+        log_scale = pyro.param(f"avf_global.{name}.log_scale", lambda: torch.full_like(loc, math.log(self.init_scale)))
+        expected = prior.batch_shape + loc.shape[len(prior.batch_shape) :]
+        if loc.shape != expected or loc.shape[: len(prior.batch_shape)] != prior.batch_shape:
+            raise ValueError(
+                f"pyro_avf: global latent site '{name}' changed shape from {tuple(loc.shape)}; latent sites "
+                "outside a filtering step keep one posterior per element, so their batch shape must not change."
+            )
+        return posterior(loc, log_scale, prior), (loc, log_scale)
+
+    def _check_slot(self, i: int, name: str, loc: torch.Tensor, prior) -> None:
+        event = loc.shape[loc.dim() - unconstrained_event_dim(prior) :]
+        known = self._slots.setdefault(i, (name, event))
+        if known[1] != event:
+            raise ValueError(
+                f"pyro_avf: latent slot {i} of the filtering step changed shape: site '{known[0]}' had event "
+                f"shape {tuple(known[1])}, site '{name}' has {tuple(event)}. Latent sites are matched across "
+                "steps by their order within the step, so each slot must keep its shape."
+            )
+
+    # ----- inference at one step -----
+
+    def _run(self, fn, args, kwargs, ctx: StepContext, lambdas) -> StepRun:
+        run = StepRun(ctx, lambdas, self.kl_weight)
+        with run:
+            fn(*args, **kwargs)
+        self.last_pass.step_executions += 1
+        return run
+
+    def _infer_step(self, fn, args, kwargs, ctx: StepContext) -> Optional[List[Lambda]]:
+        """K inference iterations at one step; returns λ_K per slot (None when K = 0)."""
+        record = StepRecord(self._t, ctx)
+        self.last_pass.steps.append(record)
+        leaves: Optional[List[Lambda]] = None
+        current: Optional[List[Lambda]] = None
+        opt_states: List[dict] = []
+        for k in range(self.num_iterations):
+            runs = [self._run(fn, args, kwargs, ctx, leaves)]
+            if leaves is None:
+                leaves = current = runs[0].initial_lambdas
+                for i, rec in enumerate(runs[0].latents):
+                    self._check_slot(i, rec.name, rec.lam[0], rec.prior)
+                opt_states = [self.optimizer.start() if self.optimizer else {} for _ in leaves]
+            runs += [self._run(fn, args, kwargs, ctx, leaves) for _ in range(self.num_samples - 1)]
+            record.add(runs)
+            flat = [p for lam in leaves for p in lam]
+            if not flat:
+                return None
+            loss = sum(r.terms.free_energy.sum() for r in runs) / len(runs)
+            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
+            pairs = [(grads[2 * i], grads[2 * i + 1]) for i in range(len(leaves))]
+            if k > 0 and self.amortized and not self.online:
+                self._add_surrogate(current, pairs, ctx)
+            with torch.set_grad_enabled(not self.online):
+                current = [self._update(i, k, leaves[i], pairs[i], runs[0], opt_states[i]) for i in range(len(leaves))]
+            leaves = [(loc.detach().requires_grad_(), ls.detach().requires_grad_()) for loc, ls in current]
+        return current
+
+    def _add_surrogate(self, current: List[Lambda], grads: List[Lambda], ctx: StepContext) -> None:
+        scale = ctx.scale
+        if isinstance(scale, torch.Tensor) and scale.dim():
+            scale = scale.unsqueeze(-1)
+        for lam, g in zip(current, grads):
+            for p, gp in zip(lam, g):
+                term = (scale * gp.detach() * p).sum()
+                self.last_pass.surrogate = self.last_pass.surrogate + term - term.detach()
+
+    def _update(self, i: int, k: int, lam: Lambda, grads: Lambda, run: StepRun, opt_state: dict) -> Lambda:
+        if not self.amortized:
+            return self.optimizer(opt_state, k, lam, grads)
+        shape = lam[0].shape
+        prior = run.latents[i].prior
+        batch = shape[: len(shape) - unconstrained_event_dim(prior)]
+
+        def flat(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(batch + (-1,))
+
+        errors = obs = None
+        if self.encoding == "error":
+            errors = (flat(run.latent_errors(i)), run.observation_errors(batch))
+        if self.encode_observation:
+            obs = run.observed_values(batch)
+        net = self._network(i, flat(lam[0]).size(-1), errors, obs)
+        loc, log_scale = net(
+            (flat(lam[0]), flat(lam[1])), grads=(flat(grads[0]), flat(grads[1])), errors=errors, obs=obs
+        )
+        return loc.reshape(shape), log_scale.reshape(shape)
+
+    def _network(self, i: int, dim: int, errors, obs) -> UpdateNetwork:
+        key = f"slot{i}"
+        error_dim = 0 if errors is None else errors[1].size(-1)
+        obs_dim = 0 if obs is None else obs.size(-1)
+        if key not in self.update_nets:
+            net = UpdateNetwork(dim, self.update, self.encoding, error_dim, obs_dim, self.hidden_size, self.lr)
+            self.update_nets[key] = net
+            pyro.module(f"avf_update_{key}", net)
+        net = self.update_nets[key]
+        if (net.dim, net.error_dim, net.obs_dim) != (dim, error_dim, obs_dim):
+            raise ValueError(
+                f"pyro_avf: latent slot {i} needs an update network for sizes (latent {dim}, errors {error_dim}, "
+                f"observation {obs_dim}) but has one for ({net.dim}, {net.error_dim}, {net.obs_dim})."
+            )
+        return net

@@ -1,0 +1,136 @@
+"""Stochastic recurrent neural network (SRNN; Fraccaro et al., NIPS 2016) as a Pyro program.
+
+Generative model, time indices 1-based, x_0 = 0, d_0 = 0, z_0 = 0::
+
+    d_t = LSTM(d_{t-1}, x_{t-1})                      deterministic layer, computed for all t up front
+    z_t ~ N(μ_p, σ_p),  (μ_p, σ_p) = prior(z_{t-1}, d_t)               site "z_{t}", (B, z_dim)
+    x_t ~ p(x_t | z_t, d_t)  (Bernoulli or Normal, see ObservationHead)  site "x_{t}", (B, x_dim)
+
+The LSTM replaces the original GRU, as in the AVF paper (Marino et al. 2018, App. B). Every MLP uses the
+clipped leaky ReLU clip(max(x, x/3), -3, 3) of Fraccaro et al.'s code.
+
+Baseline filter (the filtering form of SRNN's inference network, no backward RNN)::
+
+    a_t = MLP(d_t, x_t)
+    q(z_t | z_{t-1}, a_t) = N(μ_p(z_{t-1}, d_t) + Δ(z_{t-1}, a_t), σ_q(z_{t-1}, a_t))   residual mean
+
+Masked steps (``mask`` False: padding) contribute nothing: both z_t and x_t are masked, in model and guide.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+
+from pyro_avf.models._layers import (
+    ClippedLeakyReLU,
+    check_inputs,
+    check_sizes,
+    mask_context,
+    mlp,
+    normal_mlp,
+    observation_mlp,
+)
+from pyro_avf.step import filtering_step
+
+
+class SRNNGenerative(nn.Module):
+    """The SRNN generative networks: LSTM over x_{t-1}, prior p(z_t | z_{t-1}, d_t), emitter p(x_t | z_t, d_t)."""
+
+    def __init__(self, x_dim: int, d_dim: int, z_dim: int, hidden_dim: int, n_layers: int, likelihood: str):
+        super().__init__()
+        hidden = [hidden_dim] * n_layers
+        self.rnn = nn.LSTM(x_dim, d_dim, batch_first=True)
+        self.prior = normal_mlp(d_dim + z_dim, hidden, z_dim, ClippedLeakyReLU)
+        self.emitter = observation_mlp(d_dim + z_dim, hidden, x_dim, likelihood, ClippedLeakyReLU)
+
+    def deterministic(self, xs: Tensor) -> Tensor:
+        """d_{1:T} (B, T, d_dim) with d_t = LSTM(d_{t-1}, x_{t-1}), x_0 = 0: depends on observations only."""
+        u = torch.cat([xs.new_zeros(xs.size(0), 1, xs.size(2)), xs[:, :-1]], dim=1)
+        return self.rnn(u)[0]
+
+
+class SRNNFilter(nn.Module):
+    """SRNN's filtering inference network: a_t = MLP(d_t, x_t); (Δ, σ_q) = MLP(z_{t-1}, a_t)."""
+
+    def __init__(self, x_dim: int, d_dim: int, z_dim: int, a_dim: int, hidden_dim: int, n_layers: int):
+        super().__init__()
+        self.a_net = mlp([d_dim + x_dim] + [a_dim] * n_layers, ClippedLeakyReLU)
+        self.q_net = normal_mlp(a_dim + z_dim, [hidden_dim] * n_layers, z_dim, ClippedLeakyReLU)
+
+
+class SRNN(nn.Module):
+    """SRNN with a marked filtering step (:meth:`step`) and its original filtering guide (:meth:`guide`).
+
+    Model parameters live in ``self.generative`` (registered as ``pyro.module("srnn", ...)``), guide
+    parameters in ``self.inference`` (``pyro.module("srnn_guide", ...)``). Defaults are the music sizes of
+    Fraccaro et al.'s code (d 300, z 100, a 300, one 500-unit layer per MLP); see :meth:`music`, :meth:`speech`.
+    """
+
+    def __init__(
+        self,
+        x_dim: int = 88,
+        d_dim: int = 300,
+        z_dim: int = 100,
+        a_dim: int = 300,
+        hidden_dim: int = 500,
+        n_layers: int = 1,
+        likelihood: str = "bernoulli",
+    ) -> None:
+        super().__init__()
+        check_sizes(x_dim=x_dim, d_dim=d_dim, z_dim=z_dim, a_dim=a_dim, hidden_dim=hidden_dim, n_layers=n_layers)
+        self.x_dim, self.z_dim, self.likelihood = x_dim, z_dim, likelihood
+        self.generative = SRNNGenerative(x_dim, d_dim, z_dim, hidden_dim, n_layers, likelihood)
+        self.inference = SRNNFilter(x_dim, d_dim, z_dim, a_dim, hidden_dim, n_layers)
+
+    @classmethod
+    def music(cls, **overrides) -> SRNN:
+        """Polyphonic-music SRNN (Fraccaro et al.'s midi settings): 88 Bernoulli keys."""
+        kwargs = dict(x_dim=88, d_dim=300, z_dim=100, a_dim=300, hidden_dim=500, n_layers=1, likelihood="bernoulli")
+        return cls(**{**kwargs, **overrides})
+
+    @classmethod
+    def speech(cls, **overrides) -> SRNN:
+        """TIMIT SRNN (Fraccaro et al.'s settings): 200-sample frames, Gaussian output, 2-layer 512-unit MLPs."""
+        kwargs = dict(x_dim=200, d_dim=1024, z_dim=256, a_dim=1024, hidden_dim=512, n_layers=2, likelihood="gaussian")
+        return cls(**{**kwargs, **overrides})
+
+    @filtering_step
+    def step(self, t: int, z_prev: Tensor, d_t: Tensor, x_t: Tensor, mask_t: Optional[Tensor] = None) -> Tensor:
+        """z_t ~ N(prior(z_{t-1}, d_t)); x_t ~ p(x_t | z_t, d_t); both masked by ``mask_t``. Returns z_t (B, z_dim)."""
+        loc, scale = self.generative.prior(torch.cat([z_prev, d_t], dim=-1))
+        with mask_context(mask_t):
+            z = pyro.sample(f"z_{t}", dist.Normal(loc, scale).to_event(1))
+            pyro.sample(f"x_{t}", self.generative.emitter(torch.cat([z, d_t], dim=-1)), obs=x_t)
+        return z
+
+    def model(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Score ``xs`` (B, T, x_dim); ``mask`` (B, T) bool is False on padding. Returns z_T (B, z_dim)."""
+        xs, mask = check_inputs(xs, mask, self.x_dim, self.likelihood)
+        pyro.module("srnn", self.generative)
+        d = self.generative.deterministic(xs)
+        z = xs.new_zeros(xs.size(0), self.z_dim)
+        with pyro.plate("sequences", xs.size(0)):
+            for t in pyro.markov(range(1, xs.size(1) + 1)):
+                z = self.step(t, z, d[:, t - 1], xs[:, t - 1], None if mask is None else mask[:, t - 1])
+        return z
+
+    def guide(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """SRNN's filtering guide q(z_t | z_{t-1}, d_t, x_t) with residual mean μ_p + Δ. Returns z_T."""
+        xs, mask = check_inputs(xs, mask, self.x_dim, self.likelihood)
+        pyro.module("srnn_guide", self.inference)
+        gen, inf = self.generative, self.inference
+        d = gen.deterministic(xs)
+        a = inf.a_net(torch.cat([d, xs], dim=-1))
+        z = xs.new_zeros(xs.size(0), self.z_dim)
+        with pyro.plate("sequences", xs.size(0)):
+            for t in pyro.markov(range(1, xs.size(1) + 1)):
+                loc_p, _ = gen.prior(torch.cat([z, d[:, t - 1]], dim=-1))
+                delta, scale = inf.q_net(torch.cat([z, a[:, t - 1]], dim=-1))
+                with mask_context(None if mask is None else mask[:, t - 1]):
+                    z = pyro.sample(f"z_{t}", dist.Normal(loc_p + delta, scale).to_event(1))
+        return z

@@ -73,10 +73,14 @@ class AmortizedFilteringELBO(ELBO):
 
     def _pass(self, model, guide: IterativeGuide, args, kwargs) -> torch.Tensor:
         guide.kl_weight = self.kl_weight
-        if self.vectorize_particles and self.num_particles > 1:
-            self._vectorized_num_particles(guide)(*args, **kwargs)
-        else:
-            guide(*args, **kwargs)
+        guide.local_update_gradients = True
+        try:
+            if self.vectorize_particles and self.num_particles > 1:
+                self._vectorized_num_particles(guide)(*args, **kwargs)
+            else:
+                guide(*args, **kwargs)
+        finally:
+            guide.local_update_gradients = False
         record = guide.last_pass
         model_trace, _ = guide.get_traces()
         step_terms = [Terms(r.ctx.batch_shape, self.kl_weight) for r in record.steps]
@@ -91,7 +95,7 @@ class AmortizedFilteringELBO(ELBO):
             else:
                 q = _guide_fn(guide, site["name"])
                 terms.add_latent(q, site["fn"], site["value"], site["mask"], site["scale"], site["infer"]["avf_lambda"])
-        loss = other.loss + sum(t.loss for t in step_terms)
+        loss = other.loss + sum(t.loss for t in step_terms) + record.final_surrogate
         if self.train_all_iterations:
             loss = loss + record.surrogate
         self._record_diagnostics(record, step_terms)

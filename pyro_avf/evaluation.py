@@ -50,12 +50,12 @@ class StepTagger(Messenger):
 
 
 def _iterative(guide: IterativeGuide, args, kwargs) -> Dict[str, torch.Tensor]:
-    online = guide.online
-    guide.online = True
+    online, kl_weight = guide.online, guide.kl_weight
+    guide.online, guide.kl_weight = True, 1.0  # the true free energy, whatever annealing training used
     try:
         guide(*args, **kwargs)
     finally:
-        guide.online = online
+        guide.online, guide.kl_weight = online, kl_weight
     steps = guide.last_pass.steps
     return {
         "free_energy": stack_terms([s.free_energy[-1] for s in steps]),

@@ -36,7 +36,7 @@ from pyro.poutine.runtime import _PYRO_STACK, Message
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from pyro_avf.free_energy import StepContext
+from pyro_avf.free_energy import StepContext, Terms
 from pyro_avf.posterior import check_continuous_latent, posterior, unconstrained_event_dim, unconstrained_moments
 from pyro_avf.step import STEP_TYPE
 from pyro_avf.step_run import Lambda, StepRun, check_finite_observation
@@ -53,6 +53,7 @@ class StepRecord:
         self.free_energy: List[torch.Tensor] = []
         self.kl: List[torch.Tensor] = []
         self.reconstruction: List[torch.Tensor] = []
+        self.lambdas: List[List[Lambda]] = []  # detached λ_k per iteration (k = 0..K) and slot
 
     def add(self, runs: List[StepRun]) -> None:
         n = len(runs)
@@ -71,6 +72,7 @@ class PassRecord:
 
     def __init__(self):
         self.surrogate = torch.zeros(())
+        self.final_surrogate = torch.zeros(())
         self.steps: List[StepRecord] = []
         self.step_executions = 0
 
@@ -78,11 +80,14 @@ class PassRecord:
 class _ActiveStep:
     """The posteriors handed to the final run of a step, slot by slot."""
 
-    def __init__(self, lambdas: Optional[List[Lambda]]):
+    def __init__(self, lambdas: Optional[List[Lambda]], ctx: StepContext, graph: Optional[List[Lambda]] = None):
         self.lambdas = lambdas
+        self.ctx = ctx
+        self.graph = graph  # λ_K as functions of φ, when the final run samples from detached copies
         self.num_latent = 0
         self.num_observed = 0
         self.latent_names: List[str] = []
+        self.site_names: List[str] = []
 
     def next_posterior(self, name: str, prior):
         if self.lambdas is None:
@@ -186,6 +191,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         self.optimizer = {"sgd": SGDUpdate, "adam": AdamUpdate}.get(update, lambda lr, decay: None)(lr, lr_decay)
         self.kl_weight = 1.0
         self.online = False
+        self.local_update_gradients = False
         self.last_pass: Optional[PassRecord] = None
         self._slots: Dict[int, tuple] = {}
         self._static: Optional[bool] = None
@@ -255,7 +261,11 @@ class IterativeGuide(GuideMessenger, nn.Module):
         if self.online:
             self._finish_online(msg, ctx, lambdas)
             return
-        self._active = _ActiveStep(lambdas)
+        graph = None
+        if self.local_update_gradients and self.amortized and lambdas is not None:
+            graph = lambdas
+            lambdas = [(loc.detach().requires_grad_(), ls.detach().requires_grad_()) for loc, ls in lambdas]
+        self._active = _ActiveStep(lambdas, ctx, graph)
         self.last_pass.step_executions += 1
 
     def _finish_online(self, msg: Message, ctx: StepContext, lambdas: Optional[List[Lambda]]) -> None:
@@ -289,7 +299,27 @@ class IterativeGuide(GuideMessenger, nn.Module):
                 "nothing, so its posterior can only be the prior.",
                 stacklevel=2,
             )
+        if active.graph is not None:
+            self._add_final_surrogate(active)
         self._t += 1
+
+    def _add_final_surrogate(self, active: _ActiveStep) -> None:
+        """Train φ on this step's own final free energy only: :math:`\\nabla_\\lambda \\mathcal{F}_t(\\lambda_K)`
+        at the detached copy the final run sampled from, paired with λ_K as a function of φ."""
+        terms = Terms(active.ctx.batch_shape, self.kl_weight)
+        for name in active.site_names:
+            site = self.trace.nodes[name]
+            if site["is_observed"]:
+                terms.add_observation(site["fn"], site["value"], site["mask"], site["scale"])
+            else:
+                terms.add_latent(site["fn"], site["infer"]["prior"], site["value"], site["mask"], site["scale"],
+                                 site["infer"]["avf_lambda"])  # fmt: skip
+        leaves = [p for lam in active.lambdas for p in lam]
+        grads = torch.autograd.grad(terms.loss, leaves, retain_graph=True, allow_unused=True)
+        for p, g in zip([p for lam in active.graph for p in lam], grads):
+            if g is not None:
+                term = (g * p).sum()
+                self.last_pass.final_surrogate = self.last_pass.final_surrogate + term - term.detach()
 
     def _pyro_sample(self, msg: Message) -> None:
         if site_is_subsample(msg):
@@ -299,12 +329,14 @@ class IterativeGuide(GuideMessenger, nn.Module):
             check_finite_observation(name, msg["value"])
             if active is not None:
                 active.num_observed += 1
+                active.site_names.append(name)
                 msg["infer"]["avf_step"] = self._t
             return
         prior = msg["fn"]
         check_continuous_latent(name, prior)
         if active is not None:
             q, lam = active.next_posterior(name, prior)
+            active.site_names.append(name)
             self._check_slot(active.num_latent - 1, name, lam[0], prior)
             msg["infer"]["avf_step"] = self._t
         else:
@@ -312,8 +344,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
             q, lam = self._global_posterior(name, prior)
         msg["infer"]["prior"] = prior
         msg["infer"]["avf_lambda"] = lam
-        if q.batch_shape != prior.batch_shape:
-            q = q.expand(prior.batch_shape)
+        if len(q.batch_shape) <= len(prior.batch_shape) and q.batch_shape != prior.batch_shape:
+            q = q.expand(prior.batch_shape)  # plates outside the guide (particles) broadcast later
         msg["fn"] = q
 
     def get_posterior(self, name: str, prior):
@@ -366,6 +398,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
                 opt_states = [self.optimizer.start() if self.optimizer else {} for _ in leaves]
             runs += [self._run(fn, args, kwargs, ctx, leaves) for _ in range(self.num_samples - 1)]
             record.add(runs)
+            record.lambdas.append([(loc.detach(), ls.detach()) for loc, ls in leaves])
             flat = [p for lam in leaves for p in lam]
             if not flat:
                 return None
@@ -378,6 +411,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
             with torch.set_grad_enabled(not self.online):
                 current = [self._update(i, k, leaves[i], pairs[i], runs[0], opt_states[i]) for i in range(len(leaves))]
             leaves = [(loc.detach().requires_grad_(), ls.detach().requires_grad_()) for loc, ls in current]
+        if leaves is not None:
+            record.lambdas.append([(loc.detach(), ls.detach()) for loc, ls in leaves])
         return current
 
     def _add_surrogate(self, current: List[Lambda], grads: List[Lambda], ctx: StepContext) -> None:

@@ -21,7 +21,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["mean_free_energy_per_iteration", "plot_free_energy_per_iteration", "plot_piano_roll", "plot_training_curves"]
+__all__ = [
+    "mean_free_energy_per_iteration",
+    "plot_free_energy_per_iteration",
+    "plot_piano_roll",
+    "plot_training_curves",
+]
 
 PathLike = Union[str, Path]
 

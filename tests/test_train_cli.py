@@ -1,0 +1,180 @@
+"""The training command line on real JSB chorales at tiny sizes: end-to-end runs writing checkpoint, CSV and
+plots; resuming an interrupted run reproduces the uninterrupted one; two DDP processes train to the same
+parameters as one process on the same global batch; bad arguments fail with messages naming the option."""
+
+import os
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pyro_avf import train
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+TINY = (
+    f"--data-dir {DATA} --z-dim 3 --model-size 12 --hidden-size 12 --iterations 2 --threads 1 "
+    "--max-eval-songs 1 --eval-batch-size 1 --eval-every 1 --seed 3"
+).split()
+PNGS = {"training_curves.png", "free_energy_per_iteration.png", "piano_roll.png"}
+
+
+def run(out_dir, *options):
+    return train.main([*TINY, "--out-dir", str(out_dir), *options])
+
+
+def load(out_dir):
+    return torch.load(Path(out_dir) / train.CHECKPOINT, weights_only=True)
+
+
+def assert_same_state(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=atol), f"{k} differs by {(a[k] - b[k]).abs().max()}"
+
+
+@pytest.mark.parametrize(
+    "model, inference, pngs",
+    [("srnn", "avf", PNGS), ("dmm", "baseline", PNGS - {"free_energy_per_iteration.png"})],
+)
+def test_cli_writes_checkpoint_results_and_plots(tmp_path, model, inference, pngs):
+    row = run(tmp_path, "--model", model, "--inference", inference, "--epochs", "2", "--max-train-batches", "2",
+              "--batch-size", "4")  # fmt: skip
+    results = pd.read_csv(tmp_path / train.RESULTS)
+    assert list(results["epoch"]) == [1, 2]
+    assert (results[["model", "dataset", "inference"]].values == [model, "jsb_chorales", inference]).all()
+    # 88 Bernoulli keys of an untrained model: about 88 log 2 = 61 nats per step; test songs have real steps only
+    assert results["test_free_energy_per_step"].between(20, 100).all()
+    assert results["train_loss_per_step"].between(20, 100).all()
+    assert (results["test_steps"] > 0).all() and results["wall_time_s"].is_monotonic_increasing
+    assert results["lr"].tolist() == pytest.approx([1e-4, 1e-4 * 0.999])
+    assert results["kl_weight"].tolist() == pytest.approx([1 / 50, 2 / 50])
+    assert row["test_free_energy_per_step"] == pytest.approx(results["test_free_energy_per_step"].iloc[-1])
+    ckpt = load(tmp_path)  # weights_only: plain tensors and containers only
+    assert ckpt["epoch"] == 2 and ckpt["config"]["model"] == model
+    assert any(k.startswith("parts.guide.update_nets") for k in ckpt["net"]) == (inference == "avf")
+    assert {p.name for p in tmp_path.glob("*.png")} == pngs
+    assert all((tmp_path / p).stat().st_size > 5000 for p in pngs)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    options = ["--model", "srnn", "--inference", "avf", "--epochs", "2", "--max-train-batches", "2",
+               "--batch-size", "4", "--no-plots", "--eval-every", "2"]  # fmt: skip
+    run(tmp_path / "whole", *options)
+    with pytest.raises(train.SimulatedKill):  # dies in epoch 2, after the epoch-1 checkpoint
+        run(tmp_path / "cut", *options, "--simulate-kill-after", "3")
+    assert load(tmp_path / "cut")["epoch"] == 1
+    run(tmp_path / "cut", *options, "--resume")
+    whole, cut = load(tmp_path / "whole"), load(tmp_path / "cut")
+    assert cut["epoch"] == 2
+    assert_same_state(whole["net"], cut["net"])
+    assert whole["optimizer"]["state"].keys() == cut["optimizer"]["state"].keys()
+    columns = ["epoch", "train_loss_per_step", "test_free_energy_per_step", "lr", "kl_weight"]
+    a, b = (pd.read_csv(tmp_path / d / train.RESULTS)[columns] for d in ("whole", "cut"))
+    pd.testing.assert_frame_equal(a, b)
+
+
+def _zero_noise(shape, dtype, device):
+    """Stand-in for the standard-Normal draws of ``rsample``: reparameterised Normal samples become their means,
+    so one process and two see the same numbers (the noise streams of one 2b batch and of two b batches differ
+    by construction); gradients still flow through the means."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _ddp_worker(rank, world, port, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributions.normal._standard_normal = _zero_noise
+    train.main(argv)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_match_one_process_on_the_same_global_batch(tmp_path, monkeypatch):
+    options = [*TINY, "--model", "srnn", "--inference", "avf", "--epochs", "1", "--max-train-batches", "3",
+               "--batch-size", "4", "--no-plots", "--lr", "1e-2", "--max-eval-songs", "2"]  # fmt: skip
+    mp.spawn(_ddp_worker, args=(2, _free_port(), [*options, "--out-dir", str(tmp_path / "ddp")]), nprocs=2)
+    monkeypatch.setattr(torch.distributions.normal, "_standard_normal", _zero_noise)
+    train.main([*options, "--out-dir", str(tmp_path / "one")])
+    ddp, one = load(tmp_path / "ddp"), load(tmp_path / "one")
+    assert_same_state(ddp["net"], one["net"], atol=1e-5)
+    # and training moved the parameters (a lr of 1e-2 over 3 steps), so the comparison is not vacuous
+    train.pyro.clear_param_store()
+    train.pyro.set_rng_seed(3)
+    args = train.build_parser().parse_args([*options, "--out-dir", str(tmp_path)])
+    initial = train.build_model(args).generative.state_dict()
+    moved = max((one["net"][f"parts.model.{k}"] - v).abs().max().item() for k, v in initial.items())
+    assert moved > 1e-3
+    a, b = (pd.read_csv(tmp_path / d / train.RESULTS) for d in ("ddp", "one"))
+    assert a["processes"].tolist() == [2] and b["processes"].tolist() == [1]
+    for column in ("train_loss_per_step", "test_free_energy_per_step"):
+        assert a[column].tolist() == pytest.approx(b[column].tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--lr-decay", "1.5"], "--lr-decay must be in (0, 1]"),
+        (["--inference", "em", "--iterations", "0"], "--inference em needs --iterations >= 1"),
+        (["--inference", "autonormal"], "--inference autonormal does not make sense"),
+        (["--model", "lstm"], "invalid choice: 'lstm'"),
+        (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder is not a folder"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message_naming_the_option(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--out-dir", str(tmp_path), *options])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_refuses_a_missing_or_different_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        run(tmp_path, "--resume", "--epochs", "1")
+    run(tmp_path, "--model", "dmm", "--inference", "baseline", "--epochs", "1", "--max-train-batches", "1",
+        "--batch-size", "2", "--no-plots")  # fmt: skip
+    with pytest.raises(SystemExit, match="--inference baseline"):
+        run(tmp_path, "--model", "dmm", "--inference", "avf", "--epochs", "2", "--resume")
+
+
+def test_time_budget_ends_the_run_after_one_batch_with_an_evaluation_and_a_checkpoint(tmp_path):
+    run(tmp_path, "--model", "vrnn", "--inference", "em", "--epochs", "5", "--batch-size", "2", "--no-plots",
+        "--max-minutes", "1e-6")  # fmt: skip
+    results = pd.read_csv(tmp_path / train.RESULTS)
+    assert results["epoch"].tolist() == [1] and results["inference"].tolist() == ["em"]
+    songs = train.load_polyphonic("jsb_chorales", "test", path=DATA)[:1]
+    assert results["test_steps"].tolist() == [sum(len(s) for s in songs)]  # whole songs, every real step
+    ckpt = load(tmp_path)
+    assert ckpt["epoch"] == 1 and not any("update_nets" in k for k in ckpt["net"])
+
+
+def test_baseline_kl_weight_scales_only_the_latent_terms():
+    """Trace_ELBO under ScaleLatents(β) is -log p(x|z) + β (log q(z) - log p(z)): linear in β at fixed noise,
+    with β = 0 leaving the reconstruction term alone."""
+    args = train.build_parser().parse_args([*TINY, "--model", "srnn", "--inference", "baseline"])
+    train.pyro.clear_param_store()
+    train.pyro.set_rng_seed(0)
+    model = train.build_model(args)
+    _, net = train.build_inference(args, model)
+    songs = train.load_polyphonic("jsb_chorales", "test", path=DATA)[:3]
+    xs, mask = train.eval_batches([s[:20] for s in songs], 3)[0]
+    losses = {}
+    for beta in (0.0, 0.5, 1.0):
+        net.objective.kl_weight = beta
+        train.pyro.set_rng_seed(1)
+        losses[beta] = net(xs, mask).item()
+    assert losses[0.5] == pytest.approx((losses[0.0] + losses[1.0]) / 2, rel=1e-5)
+    train.pyro.set_rng_seed(1)
+    guide_trace = train.poutine.trace(model.guide).get_trace(xs, mask)
+    model_trace = train.poutine.trace(train.poutine.replay(model.model, trace=guide_trace)).get_trace(xs, mask)
+    nll = -sum(s["fn"].log_prob(s["value"]).sum() for s in model_trace.nodes.values() if s.get("is_observed"))
+    assert losses[0.0] == pytest.approx(nll.item(), rel=1e-5)
+    assert losses[1.0] != pytest.approx(losses[0.0], rel=1e-3)

@@ -24,22 +24,28 @@ def train(model, guide, data, steps, lr=3e-3, elbo=None):
     return losses, elbo
 
 
-def check_trains_and_starts_at_prior(losses, elbo, first=5, last=5, iterations_help=True):
+def check_trains_and_starts_at_prior(losses, elbo, first=5, last=5, iterations_help=None):
+    """The loss went down, iteration 0 is the prior, and (given the model, guide and data as
+    ``iterations_help``) the final iteration beats the prior prediction on average over 10 passes."""
     assert np.mean(losses[-last:]) < np.mean(losses[:first]), "free energy did not go down"
     d = elbo.diagnostics
     assert d["kl"][..., 0].abs().max() < 1e-4, "iteration 0 is not the prior"
-    per_iteration = d["free_energy"].mean((0, 1))
     if iterations_help:
+        model, guide, data = iterations_help
+        per_iteration = 0
+        for _ in range(10):
+            elbo.loss(model, guide, *data)
+            per_iteration = per_iteration + elbo.diagnostics["free_energy"].mean((0, 1)) / 10
         assert per_iteration[-1] < per_iteration[0], "inference iterations did not lower the free energy"
 
 
 @pytest.mark.parametrize("positive", [False, True])
 def test_stochastic_volatility(positive):
     sv = StochasticVolatility(dim=2, positive_latent=positive)
-    xs, _ = sv.sample(16, 10, seed=0)
+    xs, _ = sv.sample(64, 10, seed=0)
     guide = IterativeGuide(sv.model, num_iterations=3, hidden_size=32)
-    losses, elbo = train(sv.model, guide, (xs,), 40)
-    check_trains_and_starts_at_prior(losses, elbo)
+    losses, elbo = train(sv.model, guide, (xs,), 40, lr=1e-2)
+    check_trains_and_starts_at_prior(losses, elbo, iterations_help=(sv.model, guide, (xs,)))
     site = guide.trace.nodes["v_3" if positive else "h_3"]
     assert (site["value"] > 0).all() or not positive
 
@@ -49,7 +55,7 @@ def test_two_latents_per_step():
     xs = m.sample(16, 8, seed=1)[0]
     guide = IterativeGuide(m.model, num_iterations=3, hidden_size=32)
     losses, elbo = train(m.model, guide, (xs,), 40)
-    check_trains_and_starts_at_prior(losses, elbo)
+    check_trains_and_starts_at_prior(losses, elbo, iterations_help=(m.model, guide, (xs,)))
     assert set(guide.update_nets.keys()) == {"slot0", "slot1"}  # one network per slot, shared over time
 
 
@@ -62,7 +68,7 @@ def test_bernoulli_observations_with_masked_variable_lengths():
     guide = IterativeGuide(m.model, num_iterations=2, hidden_size=32)
     losses, elbo = train(m.model, guide, (x, mask), 25, lr=1e-2)
     # the model changes fast this early, so only the descent and the prior start are checked here
-    check_trains_and_starts_at_prior(losses, elbo, iterations_help=False)
+    check_trains_and_starts_at_prior(losses, elbo)
     assert not elbo.diagnostics["observed"][~mask].any()
     assert elbo.diagnostics["free_energy"][~mask].abs().max() < 1e-6  # padded steps cost nothing
 
@@ -85,7 +91,7 @@ def test_plate_subsampling():
 
     guide = IterativeGuide(model, num_iterations=3, hidden_size=32)
     losses, elbo = train(model, guide, (xs,), 80)
-    check_trains_and_starts_at_prior(losses, elbo, first=10, last=10)
+    check_trains_and_starts_at_prior(losses, elbo, first=10, last=10, iterations_help=(model, guide, (xs,)))
     assert elbo.diagnostics["free_energy"].shape == (16, 8, 4)
     # the loss is scaled to the full data set: 64 sequences, not 16
     per_step = elbo.diagnostics["free_energy"][..., -1].sum(1).mean().item()

@@ -26,10 +26,14 @@ class StepContext(NamedTuple):
     frames: tuple  # CondIndepStackFrames of the plates around the step
     scale: object  # float or tensor
     mask: Optional[torch.Tensor]
+    whole_model: bool = False  # a static model run as one step: its own plates give the batch
 
     @property
-    def batch_shape(self) -> torch.Size:
-        """Shape of the outer plates, with size 1 at dims that no outer plate occupies."""
+    def batch_shape(self) -> Optional[torch.Size]:
+        """Shape of the outer plates, with size 1 at dims that no outer plate occupies (None for a whole
+        model without outer plates: the batch shape of its first site is used)."""
+        if self.whole_model and not self.frames:
+            return None
         dims = [f.dim for f in self.frames if f.dim is not None]
         shape = [1] * (max(-d for d in dims) if dims else 0)
         for f in self.frames:
@@ -61,17 +65,23 @@ def apply_mask(x: torch.Tensor, mask) -> torch.Tensor:
 class Terms:
     """Accumulates reconstruction and KL terms of one step (per outer element and scaled for the loss)."""
 
-    def __init__(self, batch_shape: torch.Size, kl_weight: float = 1.0):
-        self.batch_shape = batch_shape
+    def __init__(self, batch_shape: Optional[torch.Size], kl_weight: float = 1.0):
         self.kl_weight = kl_weight
+        self.loss = torch.zeros(())
+        self.num_observed_sites = 0
+        self._start(torch.Size() if batch_shape is None else batch_shape)
+        self.batch_shape = batch_shape  # None: taken from the first site
+
+    def _start(self, batch_shape: torch.Size) -> None:
+        self.batch_shape = batch_shape
         self.reconstruction = torch.zeros(batch_shape)
         self.kl = torch.zeros(batch_shape)
-        self.loss = torch.zeros(())
         self.observed = torch.zeros(batch_shape, dtype=torch.bool)
-        self.num_observed_sites = 0
 
     def add_observation(self, fn, value: torch.Tensor, mask, scale) -> None:
         """:math:`-\\log p(x)` of an observed site."""
+        if self.batch_shape is None:
+            self._start(fn.batch_shape)
         nll = apply_mask(-fn.log_prob(value), mask)
         self.reconstruction = self.reconstruction + reduce_to(nll, self.batch_shape)
         self.loss = self.loss + (scale * nll).sum()
@@ -85,6 +95,8 @@ class Terms:
 
     def add_latent(self, q, prior, value: torch.Tensor, mask, scale, q_params=None) -> None:
         """:math:`D_{KL}(q \\| p)` (analytic when both are Normal) or :math:`\\log q(z) - \\log p(z)`."""
+        if self.batch_shape is None:
+            self._start(prior.batch_shape)
         kl = apply_mask(kl_or_log_ratio(q, prior, value, q_params), mask)
         self.kl = self.kl + reduce_to(kl, self.batch_shape)
         self.loss = self.loss + self.kl_weight * (scale * kl).sum()

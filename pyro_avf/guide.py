@@ -238,7 +238,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
                       value=None, scale=1.0, mask=None, cond_indep_stack=(), done=False, stop=False,
                       continuation=None, infer={})  # fmt: skip
         self._pyro_filtering_step(msg)
-        self.model(*args, **kwargs)
+        if not msg["done"]:  # online mode has already scored the final run
+            self.model(*args, **kwargs)
         self._pyro_post_filtering_step(msg)
 
     def _context(self, msg: Message) -> StepContext:
@@ -249,7 +250,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
             frame._process_message(probe)
             if probe["stop"]:
                 break
-        return StepContext(tuple(probe["cond_indep_stack"]), probe["scale"], probe["mask"])
+        whole_model = msg["fn"] is self.model
+        return StepContext(tuple(probe["cond_indep_stack"]), probe["scale"], probe["mask"], whole_model)
 
     # ----- effect handlers -----
 

@@ -215,3 +215,38 @@ def test_poutine_scale_multiplies_the_loss():
     pyro.set_rng_seed(5)
     b = elbo.loss(poutine.scale(m.model, scale=3.0), IterativeGuide(poutine.scale(m.model, scale=3.0), 0), xs)
     assert b == pytest.approx(3 * a, rel=1e-5)
+
+
+def test_online_evaluation_matches_the_training_pass_and_keeps_no_graph():
+    from pyro_avf.evaluation import filtering_free_energy, mean_free_energy_per_step
+
+    m, xs = lgssm_data(num=32, T=8)
+    guide = IterativeGuide(m.model, num_iterations=10, update="adam", lr=0.05)
+    elbo = AmortizedFilteringELBO()
+    batch = torch.stack([torch.tensor(elbo.loss(m.model, guide, xs)) for _ in range(20)]).mean()
+    online = torch.stack(
+        [torch.tensor(mean_free_energy_per_step(filtering_free_energy(m.model, guide, xs))) for _ in range(20)]
+    ).mean()
+    assert online * 32 * 8 == pytest.approx(batch.item(), rel=0.02)
+    out = filtering_free_energy(m.model, guide, xs)
+    assert out["free_energy"].shape == (32, 8) and not out["free_energy"].requires_grad
+    assert len(guide.trace.nodes) == 0 or all(
+        n.get("infer", {}).get("avf_step") is None for n in guide.trace.nodes.values()
+    )
+
+
+def test_static_models_are_one_step():
+    def vae_like(x):
+        with pyro.plate("data", x.size(0)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.size(0), 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 0.5).to_event(1), obs=x)
+
+    x = torch.randn(10, 1)
+    guide = IterativeGuide(vae_like, num_iterations=4, update="adam", lr=0.1)
+    elbo = AmortizedFilteringELBO()
+    elbo.loss(vae_like, guide, x)
+    assert elbo.diagnostics["free_energy"].shape == (10, 1, 5)
+    assert guide.trace.nodes["z"]["infer"]["avf_step"] == 0
+    from pyro_avf.evaluation import filtering_free_energy
+
+    assert filtering_free_energy(vae_like, guide, x)["free_energy"].shape == (10, 1)

@@ -1,0 +1,19 @@
+"""The README's example runs as written."""
+
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.rst"
+
+
+def test_readme_example_runs():
+    block = README.read_text().split(".. code-block:: python")[1].split("\n\n``")[0]
+    code = "\n".join(line[4:] for line in block.splitlines())
+    namespace = {}
+    exec(compile(code, "README.rst", "exec"), namespace)
+    assert namespace["guide"].last_pass.step_executions == 50 * 6  # K + 1 runs per step, no replay
+
+
+def test_readme_commands_match_ci():
+    ci = (README.parent / ".ci" / "run").read_text()
+    test_command = [line.strip() for line in README.read_text().splitlines() if "pytest" in line][0]
+    assert test_command in ci

@@ -69,6 +69,7 @@ class Terms:
         self.kl_weight = kl_weight
         self.loss = torch.zeros(())
         self.num_observed_sites = 0
+        self.scaled = False  # whether any site carries a scale other than 1 (subsampling, poutine.scale)
         self._start(torch.Size() if batch_shape is None else batch_shape)
         self.batch_shape = batch_shape  # None: taken from the first site
 
@@ -85,6 +86,7 @@ class Terms:
         nll = apply_mask(-fn.log_prob(value), mask)
         self.reconstruction = self.reconstruction + reduce_to(nll, self.batch_shape)
         self.loss = self.loss + (scale * nll).sum()
+        self.scaled = self.scaled or not _is_one(scale)
         self.num_observed_sites += 1
         seen = (
             torch.ones_like(nll, dtype=torch.bool)
@@ -100,11 +102,16 @@ class Terms:
         kl = apply_mask(kl_or_log_ratio(q, prior, value, q_params), mask)
         self.kl = self.kl + reduce_to(kl, self.batch_shape)
         self.loss = self.loss + self.kl_weight * (scale * kl).sum()
+        self.scaled = self.scaled or not _is_one(scale)
 
     @property
     def free_energy(self) -> torch.Tensor:
         """Per-element :math:`\\mathcal{F}_t` (unscaled, masked)."""
         return self.reconstruction + self.kl_weight * self.kl
+
+
+def _is_one(scale) -> bool:
+    return not isinstance(scale, torch.Tensor) and scale == 1.0
 
 
 def stack_terms(per_step: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -404,12 +404,21 @@ class IterativeGuide(GuideMessenger, nn.Module):
             flat = [p for lam in leaves for p in lam]
             if not flat:
                 return None
+            # the update sees the gradient of the per-element free energy; φ learns from the scaled loss
             loss = sum(r.terms.free_energy.sum() for r in runs) / len(runs)
-            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+            train_phi = k > 0 and self.amortized and not self.online
+            scaled = train_phi and any(r.terms.scaled for r in runs)
+            grads = torch.autograd.grad(loss, flat, allow_unused=True, retain_graph=scaled)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
             pairs = [(grads[2 * i], grads[2 * i + 1]) for i in range(len(leaves))]
-            if k > 0 and self.amortized and not self.online:
-                self._add_surrogate(current, pairs, ctx)
+            if train_phi:
+                if scaled:
+                    scaled_loss = sum(r.terms.loss for r in runs) / len(runs)
+                    phi_grads = torch.autograd.grad(scaled_loss, flat, allow_unused=True)
+                    phi_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, phi_grads)]
+                    self._add_surrogate(current, [(phi_grads[2 * i], phi_grads[2 * i + 1]) for i in range(len(leaves))])
+                else:
+                    self._add_surrogate(current, pairs)
             with torch.set_grad_enabled(not self.online):
                 current = [self._update(i, k, leaves[i], pairs[i], runs[0], opt_states[i]) for i in range(len(leaves))]
             leaves = [(loc.detach().requires_grad_(), ls.detach().requires_grad_()) for loc, ls in current]
@@ -417,13 +426,10 @@ class IterativeGuide(GuideMessenger, nn.Module):
             record.lambdas.append([(loc.detach(), ls.detach()) for loc, ls in leaves])
         return current
 
-    def _add_surrogate(self, current: List[Lambda], grads: List[Lambda], ctx: StepContext) -> None:
-        scale = ctx.scale
-        if isinstance(scale, torch.Tensor) and scale.dim():
-            scale = scale.unsqueeze(-1)
+    def _add_surrogate(self, current: List[Lambda], grads: List[Lambda]) -> None:
         for lam, g in zip(current, grads):
             for p, gp in zip(lam, g):
-                term = (scale * gp.detach() * p).sum()
+                term = (gp.detach() * p).sum()
                 self.last_pass.surrogate = self.last_pass.surrogate + term - term.detach()
 
     def _update(self, i: int, k: int, lam: Lambda, grads: Lambda, run: StepRun, opt_state: dict) -> Lambda:

@@ -17,7 +17,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 from pyro_avf.free_energy import StepContext, Terms
-from pyro_avf.posterior import check_continuous_latent, normal_parameters, posterior, unconstrained_moments
+from pyro_avf.posterior import check_continuous_latent, normal_parameters, posterior, unconstrained_moments, unwrap
 
 Lambda = Tuple[torch.Tensor, torch.Tensor]
 
@@ -119,7 +119,7 @@ class StepRun(Messenger):
         if params is None:
             raise ValueError(
                 f"pyro_avf: error encoding needs Normal (or LogNormal) priors; site '{rec.name}' has "
-                f"{type(rec.prior).__name__}. Use encoding='gradient'."
+                f"{type(unwrap(rec.prior)[0]).__name__}. Use encoding='gradient'."
             )
         u = biject_to(rec.prior.support).inv(rec.value)
         return (u - params[0]) / params[1]
@@ -132,7 +132,7 @@ class StepRun(Messenger):
             if params is None:
                 raise ValueError(
                     f"pyro_avf: error encoding needs Normal observations; site '{rec.name}' has "
-                    f"{type(rec.fn).__name__}. Use encoding='gradient'."
+                    f"{type(unwrap(rec.fn)[0]).__name__}. Use encoding='gradient'."
                 )
             parts.append(flatten_to((rec.value - params[0]) / params[1], batch_shape, rec.name))
         return torch.cat(parts, -1) if parts else torch.zeros(batch_shape + (0,))

@@ -163,3 +163,31 @@ def test_masking_whole_steps_inside_the_model():
     elbo.loss(model, IterativeGuide(model, num_iterations=3, hidden_size=16), xs, mask)
     assert elbo.diagnostics["free_energy"][~mask].abs().max() == 0
     assert elbo.diagnostics["kl"][mask][:, 1:].min() > 0
+
+
+def test_subsampling_scales_the_update_network_gradient_of_every_iteration():
+    x, W = torch.randn(8, 3), torch.randn(2, 3)
+
+    def make_model(size):
+        def model(x):
+            with pyro.plate("data", size, subsample=torch.arange(8)):
+                z = pyro.sample("z", dist.Normal(torch.zeros(8, 2), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(z @ W, 0.5).to_event(1), obs=x)
+
+        return model
+
+    def update_grads(size, train_all):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(1)
+        model = make_model(size)
+        guide = IterativeGuide(model, num_iterations=3, hidden_size=16)
+        guide(x)
+        guide.zero_grad()
+        pyro.set_rng_seed(2)
+        AmortizedFilteringELBO(train_all_iterations=train_all).differentiable_loss(model, guide, x).backward()
+        return torch.cat([p.grad.flatten() for p in guide.update_nets.parameters()])
+
+    final_small, all_small = update_grads(8, False), update_grads(8, True)
+    final_big, all_big = update_grads(800, False), update_grads(800, True)
+    assert torch.allclose(final_big, 100 * final_small, rtol=1e-3, atol=1e-6)
+    assert torch.allclose(all_big - final_big, 100 * (all_small - final_small), rtol=1e-3, atol=1e-5)

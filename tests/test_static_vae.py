@@ -92,7 +92,7 @@ def test_model_without_step_is_one_step_whose_posterior_starts_at_the_prior(digi
     vae, guide, elbo, _ = setup(num_iterations=K)
     elbo.loss(vae.model, guide, x)
     assert elbo.diagnostics["step_executions"] == K + 1  # K inference runs of the whole model, then the final one
-    assert elbo.diagnostics["free_energy"].shape[1:] == (1, K + 1)
+    assert elbo.diagnostics["free_energy"].shape == (64, 1, K + 1)
 
 
 def test_gradient_encoding_svi_lowers_the_loss_on_real_digits(trained):
@@ -127,18 +127,14 @@ def test_free_energy_falls_across_inference_iterations_after_a_little_training(d
     assert (per_iteration[1:] < per_iteration[:-1]).all(), per_iteration  # every iteration improves
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyro_avf core: a static model's step has no outer plate (the model opens pyro.plate inside the step), "
-    "so the step context's batch shape is () and the free energy diagnostics are summed over the batch: "
-    "shape (1, 1, K+1) instead of (batch, 1, K+1). Remove this marker when the guide takes the data plate as the "
-    "static step's batch.",
-)
 def test_free_energy_diagnostics_are_per_image_for_a_static_model(digits):
     x = digits["bernoulli"][0][:32]
     vae, guide, elbo, _ = setup()
-    elbo.loss(vae.model, guide, x)
-    assert elbo.diagnostics["free_energy"].shape == (32, 1, K + 1)
+    loss = elbo.loss(vae.model, guide, x)
+    fe = elbo.diagnostics["free_energy"]
+    assert fe.shape == elbo.diagnostics["kl"].shape == (32, 1, K + 1)
+    assert elbo.diagnostics["kl"][:, 0, 0].abs().max().item() == 0.0  # iteration 0 is the prior
+    assert fe[:, 0, K].sum().item() == pytest.approx(loss, rel=1e-4)  # the final iteration's F is the loss
 
 
 def test_vae_free_energy_matches_the_elbo_at_the_guides_posterior(digits, trained):

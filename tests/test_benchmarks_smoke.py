@@ -1,0 +1,133 @@
+"""Smoke tests of the issue-3 benchmark scripts at tiny sizes, on real JSB and MuseData data.
+
+The important one is the equivalence of the plain-PyTorch AVF loop with the library: same networks, same
+seed -> same loss, final free energies and gradients; independent seeds -> free energies that agree within
+Monte-Carlo error.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import memory  # noqa: E402
+import music  # noqa: E402
+import plain_torch_srnn_avf as plain  # noqa: E402
+import speed  # noqa: E402
+
+from pyro_avf import AmortizedFilteringELBO, IterativeGuide  # noqa: E402
+from pyro_avf.models.srnn import SRNN  # noqa: E402
+
+if not (ROOT.parent / "shared" / "data" / "polyphonic").is_dir():
+    pytest.skip("the shared polyphonic data are not available", allow_module_level=True)
+
+
+def tiny_pair(k: int):
+    """A tiny SRNN, its IterativeGuide (update network built by a first call) and 8 JSB crops with padding."""
+    srnn = SRNN.music(d_dim=24, a_dim=24, hidden_dim=24, z_dim=6)
+    guide = IterativeGuide(srnn.model, num_iterations=k, hidden_size=24)
+    xs, mask = plain.jsb_crops(8, 12, seed=3)
+    mask[0, 9:] = False  # padding at the end of one crop
+    xs[0, 9:] = 0.0
+    AmortizedFilteringELBO().differentiable_loss(srnn.model, guide, xs, mask)  # builds the update network
+    return srnn, guide, xs, mask
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_plain_loop_equals_library_for_same_seed(k):
+    srnn, guide, xs, mask = tiny_pair(k)
+    update = guide.update_nets["slot0"]
+    params = list(srnn.generative.parameters()) + list(update.parameters())
+    elbo = AmortizedFilteringELBO(kl_weight=0.5)
+    torch.manual_seed(7)
+    lib_loss = elbo.differentiable_loss(srnn.model, guide, xs, mask)
+    lib_grads = torch.autograd.grad(lib_loss, params)
+    torch.manual_seed(7)
+    out = plain.avf_loss(srnn, update, xs, mask, k, kl_weight=0.5)
+    grads = torch.autograd.grad(out.loss, params)
+    assert out.free_energy.shape == (8, 12)
+    assert torch.all(out.free_energy[0, 9:] == 0)
+    torch.testing.assert_close(out.loss, lib_loss, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(out.free_energy, elbo.diagnostics["free_energy"][..., -1], rtol=1e-5, atol=1e-4)
+    for a, b in zip(grads, lib_grads):  # θ from the final free energy, φ from every iteration's
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_loop_matches_library_within_monte_carlo_error():
+    srnn, guide, xs, mask = tiny_pair(2)
+    update = guide.update_nets["slot0"]
+    elbo = AmortizedFilteringELBO()
+    steps = mask.sum().item()
+    torch.manual_seed(11)
+    lib = torch.tensor([elbo.loss(srnn.model, guide, xs, mask) / steps for _ in range(12)])
+    torch.manual_seed(12345)  # independent draws
+    ours = torch.tensor([plain.avf_loss(srnn, update, xs, mask, 2).free_energy.sum().item() / steps for _ in range(12)])
+    stderr = math.sqrt(lib.var() / len(lib) + ours.var() / len(ours))
+    assert stderr > 0
+    assert abs(lib.mean() - ours.mean()) < 4 * stderr + 1e-6
+
+
+def test_plain_loop_training_lowers_free_energy():
+    torch.manual_seed(0)
+    out = plain.main(["--steps", "8", "--batch-size", "8", "--crop-length", "12", "--iterations", "2",
+                      "--hidden-size", "32", "--model-size", "32", "--lr", "3e-3"])  # fmt: skip
+    losses = out["free_energy_per_step"]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 1.0  # 88 untrained Bernoulli keys start near 61 nats per step
+
+
+def test_plain_loop_rejects_bad_input():
+    srnn = SRNN.music(d_dim=8, a_dim=8, hidden_dim=8, z_dim=4)
+    update = plain.UpdateNetwork(4, hidden=8)
+    with pytest.raises(ValueError, match="num_iterations"):
+        plain.avf_loss(srnn, update, torch.zeros(2, 3, 88), None, 0)
+    with pytest.raises(ValueError, match="Bernoulli"):
+        plain.avf_loss(SRNN.music(likelihood="gaussian", d_dim=8, a_dim=8, hidden_dim=8), update, torch.zeros(2, 3, 88))
+
+
+def test_speed_reports_medians_and_ratios():
+    out = speed.main(["--reps", "2", "--warmup", "1", "--batch-size", "2", "--crop-length", "3", "--hidden-size",
+                      "16", "--model-size", "16"])  # fmt: skip
+    assert set(out["median_seconds"]) == {"library_avf_k1", "library_avf_k5", "baseline", "plain_avf_k1",
+                                          "plain_avf_k5"}  # fmt: skip
+    assert all(0 < s < 10 for s in out["median_seconds"].values())
+    assert set(out["ratios"]) == set(speed.RATIOS)
+    assert all(0 < r["q25"] <= r["median"] <= r["q75"] for r in out["ratios"].values())
+    assert out["reps"] == 2
+    assert pyro.get_param_store().keys() == set()  # every method kept its parameters in its own scope
+
+
+def test_memory_runs_a_fresh_process_per_guide_and_length():
+    rows = memory.main(["--lengths", "20", "--guides", "avf_k5", "baseline", "--hidden-size", "16", "--model-size",
+                        "16"])  # fmt: skip
+    assert [(r["guide"], r["steps"]) for r in rows] == [("avf_k5", 20), ("baseline", 20)]
+    assert all(r["peak_extra_mb"] >= 0 and r["seconds"] > 0 for r in rows)
+    for r in rows:  # untrained: about 88 log 2 ≈ 61 nats per step
+        assert 30 < r["free_energy_per_step"] < 120
+    with pytest.raises(ValueError, match="3401 steps"):
+        memory.long_sequence(5000)
+
+
+def test_memory_slope_is_growth_per_thousand_steps():
+    rows = [{"guide": "g", "steps": 500, "peak_extra_mb": 10.0}, {"guide": "g", "steps": 2000, "peak_extra_mb": 13.0},
+            {"guide": "h", "steps": 500, "peak_extra_mb": 4.0}]  # fmt: skip
+    assert memory.slopes(rows) == {"g": pytest.approx(2.0)}
+
+
+def test_music_table_row_beside_the_paper(tmp_path):
+    rows = music.main(["--minutes", "0.02", "--methods", "avf_k1", "--max-eval-songs", "2",
+                       "--out-root", str(tmp_path), "--out", str(tmp_path / "table.md"), "--extra",
+                       "--model-size", "16", "--hidden-size", "16", "--max-train-batches", "1"])  # fmt: skip
+    assert [r["method"] for r in rows] == ["avf_k1"]
+    assert [r["paper"] for r in rows] == [6.77]
+    assert all(math.isfinite(r["test_free_energy_per_step"]) and r["test_steps"] > 0 for r in rows)
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[2].startswith("| data set | method | K |") and len(table) == 5
+    assert music.markdown([], 1, None).splitlines()[0].endswith("nats).")
+    assert table[4].startswith("| jsb_chorales | avf_k1 | 1 |") and table[4].endswith("| 6.77 |")

@@ -369,7 +369,8 @@ def evaluate(model: Callable, guide: Callable, batches: Sequence[Tuple[Tensor, T
         guide.kl_weight = 1.0  # the true free energy, whatever β training used last
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        for xs, mask in batches[dist.rank :: dist.world]:
+        shard = batches[dist.rank :: dist.world]
+        for xs, mask in tqdm(shard, desc="test songs", leave=False, disable=not dist.main or None):
             out = filtering_free_energy(model, guide, xs, mask)
             m = out["observed"] & mask
             total += (out["free_energy"] * m).sum().item()

@@ -83,18 +83,18 @@ class AmortizedFilteringELBO(ELBO):
             guide.local_update_gradients = False
         record = guide.last_pass
         model_trace, _ = guide.get_traces()
-        step_terms = [Terms(r.ctx.batch_shape, self.kl_weight) for r in record.steps]
+        step_terms = [r.final_terms for r in record.steps]  # scored by the guide after each step
         other = Terms(torch.Size(), self.kl_weight)
         for site in model_trace.nodes.values():
             if site["type"] != "sample" or site["infer"].get("_deterministic"):
                 continue
-            t = site["infer"].get("avf_step")
-            terms = other if t is None or t >= len(step_terms) else step_terms[t]
+            if site["infer"].get("avf_step") is not None:
+                continue
             if site["is_observed"]:
-                terms.add_observation(site["fn"], site["value"], site["mask"], site["scale"])
+                other.add_observation(site["fn"], site["value"], site["mask"], site["scale"])
             else:
                 q = _guide_fn(guide, site["name"])
-                terms.add_latent(q, site["fn"], site["value"], site["mask"], site["scale"], site["infer"]["avf_lambda"])
+                other.add_latent(q, site["fn"], site["value"], site["mask"], site["scale"], site["infer"]["avf_lambda"])
         loss = other.loss + sum(t.loss for t in step_terms) + record.final_surrogate
         if self.train_all_iterations:
             loss = loss + record.surrogate

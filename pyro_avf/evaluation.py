@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
@@ -52,10 +53,16 @@ class StepTagger(Messenger):
 def _iterative(guide: IterativeGuide, args, kwargs) -> Dict[str, torch.Tensor]:
     online, kl_weight = guide.online, guide.kl_weight
     guide.online, guide.kl_weight = True, 1.0  # the true free energy, whatever annealing training used
+    # parameters need no gradient here (only λ does), so no graph over the sequence survives a step
+    frozen = [p for p in pyro.get_param_store()._params.values() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         guide(*args, **kwargs)
     finally:
         guide.online, guide.kl_weight = online, kl_weight
+        for p in frozen:
+            p.requires_grad_(True)
     steps = guide.last_pass.steps
     return {
         "free_energy": stack_terms([s.free_energy[-1] for s in steps]),

@@ -281,7 +281,6 @@ class IterativeGuide(GuideMessenger, nn.Module):
         self.last_pass.step_executions += 1
         self.last_pass.steps[-1].add([run])
         self.last_pass.steps[-1].observed = run.terms.observed
-        self.last_pass.steps[-1].final_lambdas = [rec.lam for rec in run.latents]
         msg["value"] = torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
         msg["done"] = True
 
@@ -301,13 +300,25 @@ class IterativeGuide(GuideMessenger, nn.Module):
                 "nothing, so its posterior can only be the prior.",
                 stacklevel=2,
             )
-        if active.graph is not None:
-            self._add_final_surrogate(active)
+        if self.local_update_gradients:
+            terms = self._score_final_run(active)
+            self.last_pass.steps[-1].final_terms = terms
+            if active.graph is not None:
+                self._add_final_surrogate(active, terms)
         self._t += 1
 
-    def _add_final_surrogate(self, active: _ActiveStep) -> None:
+    def _add_final_surrogate(self, active: _ActiveStep, terms: Terms) -> None:
         """Train φ on this step's own final free energy only: :math:`\\nabla_\\lambda \\mathcal{F}_t(\\lambda_K)`
         at the detached copy the final run sampled from, paired with λ_K as a function of φ."""
+        leaves = [p for lam in active.lambdas for p in lam]
+        grads = torch.autograd.grad(terms.loss, leaves, retain_graph=True, allow_unused=True)
+        for p, g in zip([p for lam in active.graph for p in lam], grads):
+            if g is not None:
+                term = (g * p).sum()
+                self.last_pass.final_surrogate = self.last_pass.final_surrogate + term - term.detach()
+
+    def _score_final_run(self, active: _ActiveStep) -> Terms:
+        """The step free energy terms of the final run, read from the guide's trace."""
         terms = Terms(active.ctx.batch_shape, self.kl_weight)
         for name in active.site_names:
             site = self.trace.nodes[name]
@@ -316,12 +327,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
             else:
                 terms.add_latent(site["fn"], site["infer"]["prior"], site["value"], site["mask"], site["scale"],
                                  site["infer"]["avf_lambda"])  # fmt: skip
-        leaves = [p for lam in active.lambdas for p in lam]
-        grads = torch.autograd.grad(terms.loss, leaves, retain_graph=True, allow_unused=True)
-        for p, g in zip([p for lam in active.graph for p in lam], grads):
-            if g is not None:
-                term = (g * p).sum()
-                self.last_pass.final_surrogate = self.last_pass.final_surrogate + term - term.detach()
+        return terms
 
     def _pyro_sample(self, msg: Message) -> None:
         if site_is_subsample(msg):
@@ -399,8 +405,9 @@ class IterativeGuide(GuideMessenger, nn.Module):
                     self._check_slot(i, rec.name, rec.lam[0], rec.prior)
                 opt_states = [self.optimizer.start() if self.optimizer else {} for _ in leaves]
             runs += [self._run(fn, args, kwargs, ctx, leaves) for _ in range(self.num_samples - 1)]
-            record.add(runs)
-            record.lambdas.append([(loc.detach(), ls.detach()) for loc, ls in leaves])
+            if not self.online:  # online filtering keeps only the final numbers: constant memory per step
+                record.add(runs)
+                record.lambdas.append([(loc.detach(), ls.detach()) for loc, ls in leaves])
             flat = [p for lam in leaves for p in lam]
             if not flat:
                 return None
@@ -422,7 +429,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
             with torch.set_grad_enabled(not self.online):
                 current = [self._update(i, k, leaves[i], pairs[i], runs[0], opt_states[i]) for i in range(len(leaves))]
             leaves = [(loc.detach().requires_grad_(), ls.detach().requires_grad_()) for loc, ls in current]
-        if leaves is not None:
+        if leaves is not None and not self.online:
             record.lambdas.append([(loc.detach(), ls.detach()) for loc, ls in leaves])
         return current
 

@@ -1,0 +1,185 @@
+"""Per-step training time of SRNN on JSB crops: library AVF (K=1, K=5), SRNN's baseline filter, plain-torch AVF.
+
+One training step = the loss of a batch of 16 random crops of 25 steps of real quarter-note JSB songs (SRNN
+music sizes), ``(loss / B).backward()``, one Adam step — what ``pyro_avf.train`` does per batch. Library methods
+go through the CLI's own objects (:func:`pyro_avf.train.build_inference`, i.e. ``IterativeGuide`` +
+``AmortizedFilteringELBO`` or the model's guide + ``Trace_ELBO``); the plain-torch reference is
+:func:`benchmarks.plain_torch_srnn_avf.avf_loss` with the same networks and update network.
+
+Timing: every method has its own model (same initial weights) and its own Pyro parameter store
+(``ParamStore.scope``); after a warm-up the methods run in a fresh random order in each of ``--reps`` rounds,
+all on the same batch within a round. Reported: per-method median seconds per step and, for each ratio,
+the median over rounds of the within-round ratio (robust to the machine's load drifting between rounds).
+``--profile`` adds a cProfile of a few library steps (top functions by own time).
+
+Usage::
+
+    python benchmarks/speed.py --reps 20 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import pyro
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plain_torch_srnn_avf import avf_loss, jsb_crops  # noqa: E402
+
+from pyro_avf import train as cli  # noqa: E402
+from pyro_avf.models.srnn import SRNN  # noqa: E402
+from pyro_avf.updates import UpdateNetwork  # noqa: E402
+
+RATIOS = {
+    "AVF K=1 / baseline": ("library_avf_k1", "baseline"),
+    "AVF K=5 / baseline": ("library_avf_k5", "baseline"),
+    "library / plain-torch, K=1": ("library_avf_k1", "plain_avf_k1"),
+    "library / plain-torch, K=5": ("library_avf_k5", "plain_avf_k5"),
+}
+
+
+class Method:
+    """One training configuration: a step function ``(xs, mask) -> loss`` inside its own param-store scope."""
+
+    def __init__(self, name: str, loss_fn: Callable[[Tensor, Tensor], Tensor], params, scope: Optional[dict] = None):
+        self.name, self.loss_fn = name, loss_fn
+        self.optimizer = torch.optim.Adam(params, lr=1e-4)
+        self.scope: dict = scope if scope is not None else {"params": {}, "constraints": {}}
+
+    def step(self, xs: Tensor, mask: Tensor) -> float:
+        """One training step; returns its wall time in seconds (the param-store swap is not timed)."""
+        with pyro.get_param_store().scope(self.scope):
+            start = time.perf_counter()
+            loss = self.loss_fn(xs, mask)
+            (loss / xs.size(0)).backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
+
+
+def build_methods(hidden_size: int, model_size=None, seed: int = 0) -> Dict[str, Method]:
+    """The five methods, each with an SRNN initialised from ``seed`` (update networks from ``seed + 1``)."""
+    methods: Dict[str, Method] = {}
+    cli_args = ["--model", "srnn", "--hidden-size", str(hidden_size)]
+    if model_size is not None:
+        cli_args += ["--model-size", str(model_size)]
+    for name, inference, k in [("library_avf_k1", "avf", 1), ("library_avf_k5", "avf", 5), ("baseline", "baseline", 0)]:
+        args = cli.build_parser().parse_args(cli_args + ["--inference", inference, "--iterations", str(k)])
+        torch.manual_seed(seed)
+        model = cli.build_model(args)
+        guide, net = cli.build_inference(args, model)
+        torch.manual_seed(seed + 1)
+        with pyro.get_param_store().scope() as scope:
+            net(*jsb_crops(2, 3))  # builds the update networks lazily
+        methods[name] = Method(name, net, net.parameters(), scope)
+    for k in (1, 5):
+        torch.manual_seed(seed)
+        srnn = SRNN.music(**({} if model_size is None else {"d_dim": model_size, "a_dim": model_size,
+                                                             "hidden_dim": model_size}))  # fmt: skip
+        torch.manual_seed(seed + 1)
+        update = UpdateNetwork(srnn.z_dim, hidden=hidden_size)
+        params = list(srnn.generative.parameters()) + list(update.parameters())
+        methods[f"plain_avf_k{k}"] = Method(
+            f"plain_avf_k{k}", lambda xs, mask, s=srnn, u=update, k=k: avf_loss(s, u, xs, mask, k).loss, params
+        )
+    return methods
+
+
+def measure(methods: Dict[str, Method], batches: List[Tuple[Tensor, Tensor]], reps: int, warmup: int, seed: int):
+    """Interleaved timing: ``warmup`` untimed rounds, then ``reps`` rounds in a shuffled order each."""
+    order = list(methods)
+    rng = random.Random(seed)
+    times: Dict[str, List[float]] = {name: [] for name in order}
+    for r in range(warmup + reps):
+        xs, mask = batches[r % len(batches)]
+        rng.shuffle(order)
+        for name in order:
+            elapsed = methods[name].step(xs, mask)
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def summarise(times: Dict[str, List[float]]) -> dict:
+    """Median seconds per step per method, and the median within-round ratio of each pair in :data:`RATIOS`."""
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    ratios = {}
+    for label, (a, b) in RATIOS.items():
+        if a in times and b in times:
+            per_round = [x / y for x, y in zip(times[a], times[b])]
+            ratios[label] = {
+                "median": statistics.median(per_round),
+                "q25": statistics.quantiles(per_round, n=4)[0] if len(per_round) > 1 else per_round[0],
+                "q75": statistics.quantiles(per_round, n=4)[2] if len(per_round) > 1 else per_round[0],
+            }
+    return {"median_seconds": medians, "ratios": ratios, "reps": len(next(iter(times.values())))}
+
+
+def profile(method: Method, batches, steps: int, top: int) -> str:
+    """cProfile ``steps`` training steps of ``method``; the ``top`` functions by own (tottime) time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(steps):
+        method.step(*batches[i % len(batches)])
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats("pyro_avf", top)
+    return out.getvalue()
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| method | median s/step |", "|---|---|"]
+    lines += [f"| {name} | {s:.4f} |" for name, s in summary["median_seconds"].items()]
+    lines += ["", "| ratio (within-round, median [q25, q75]) | value |", "|---|---|"]
+    lines += [f"| {k} | {v['median']:.2f} [{v['q25']:.2f}, {v['q75']:.2f}] |" for k, v in summary["ratios"].items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=20, help="timed rounds (each runs every method once)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--crop-length", type=int, default=25)
+    p.add_argument("--hidden-size", type=int, default=1024, help="update network width (the CLI's default)")
+    p.add_argument("--model-size", type=int, default=None, help="SRNN layer width (default: music sizes)")
+    p.add_argument("--methods", nargs="*", default=None, help="subset of method names")
+    p.add_argument("--profile", action="store_true", help="also cProfile a few library AVF steps")
+    p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    methods = build_methods(args.hidden_size, args.model_size, args.seed)
+    if args.methods:
+        unknown = set(args.methods) - set(methods)
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}; known: {sorted(methods)}")
+        methods = {k: v for k, v in methods.items() if k in args.methods}
+    batches = [jsb_crops(args.batch_size, args.crop_length, seed=args.seed + i) for i in range(4)]
+    summary = summarise(measure(methods, batches, args.reps, args.warmup, args.seed))
+    print(markdown(summary))
+    if args.profile:
+        for name in ("library_avf_k1", "library_avf_k5"):
+            if name in methods:
+                summary[f"profile_{name}"] = text = profile(methods[name], batches, args.profile_steps, 25)
+                print(f"\n### cProfile of {args.profile_steps} steps of {name}\n{text}")
+    return summary
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()

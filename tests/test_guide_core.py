@@ -70,14 +70,16 @@ def test_one_svi_step_moves_model_and_guide_parameters():
 def test_no_model_replay_and_same_expected_loss_as_trace_elbo(K):
     m, xs = lgssm_data(num=4, T=5)
     guide = IterativeGuide(m.model, num_iterations=K, hidden_size=16)
-    ours, theirs = AmortizedFilteringELBO(), Trace_ELBO()
-    n = 150
-    a = torch.tensor([ours.loss(m.model, guide, xs) for _ in range(n)])
-    assert guide.last_pass.step_executions == 5 * (K + 1)
-    b = torch.tensor([theirs.loss(m.model, guide, xs) for _ in range(n)])
-    assert guide.last_pass.step_executions == 5 * (K + 1)
-    se = math.sqrt(a.var() / n + b.var() / n)
-    assert abs(a.mean() - b.mean()) < 4 * se + 1e-3
+    losses = {}
+    for elbo in (AmortizedFilteringELBO(), Trace_ELBO()):
+        elbo.loss(m.model, guide, xs)  # warm-up (Trace_ELBO guesses max_plate_nesting on its first call)
+        pyro.set_rng_seed(7)
+        losses[type(elbo).__name__] = torch.tensor([elbo.loss(m.model, guide, xs) for _ in range(60)])
+        assert guide.last_pass.step_executions == 5 * (K + 1)  # K + 1 runs per step, no replay
+    # the same seed draws the same samples: the paired difference is analytic KL minus its MC estimate
+    diff = losses["AmortizedFilteringELBO"] - losses["Trace_ELBO"]
+    assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(60) + 1e-4
+    assert diff.std() < 0.5 * losses["Trace_ELBO"].std() + 1e-4
 
 
 def test_free_energy_falls_over_iterations_with_non_amortized_em():

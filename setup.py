@@ -18,7 +18,16 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.4", "nbclient>=0.7", "nbformat>=5.7", "ipykernel>=6"],
+        "video": ["imageio>=2.30", "imageio-ffmpeg>=0.4"],
+        "test": [
+            "pytest>=7",
+            "ruff>=0.4",
+            "nbclient>=0.7",
+            "nbformat>=5.7",
+            "ipykernel>=6",
+            "imageio>=2.30",
+            "imageio-ffmpeg>=0.4",
+        ],
     },
     license="Apache-2.0",
 )

@@ -252,3 +252,40 @@ def test_static_models_are_one_step():
     from pyro_avf.evaluation import filtering_free_energy
 
     assert filtering_free_energy(vae_like, guide, x)["free_energy"].shape == (10, 1)
+
+
+EULER, PI2_6 = 0.5772156649015329, math.pi**2 / 6
+
+
+@pytest.mark.parametrize(
+    "prior, expected_loc, expected_scale",
+    [
+        # log space: psi(3) - log 2 with psi(n) = H_(n-1) - Euler gamma; sqrt(psi_1(3)) = sqrt(pi^2/6 - 1 - 1/4)
+        (dist.Gamma(torch.tensor(3.0), torch.tensor(2.0)), 1.5 - EULER - math.log(2), math.sqrt(PI2_6 - 1.25)),
+        # logit space: psi(2) - psi(5) = H_1 - H_4; sqrt(psi_1(2) + psi_1(5))
+        (
+            dist.Beta(torch.tensor(2.0), torch.tensor(5.0)),
+            1 - (1 + 1 / 2 + 1 / 3 + 1 / 4),
+            math.sqrt((PI2_6 - 1) + (PI2_6 - 1 - 1 / 4 - 1 / 9 - 1 / 16)),
+        ),
+        (dist.LogNormal(torch.tensor(0.3), torch.tensor(0.7)), 0.3, 0.7),
+    ],
+)
+def test_constrained_latents_start_at_the_prior_moments_in_the_unconstrained_space(prior, expected_loc, expected_scale):
+    @filtering_step
+    def step(t, x):
+        v = pyro.sample(f"v_{t}", prior)
+        pyro.sample(f"x_{t}", dist.Normal(v, 1.0), obs=x)
+
+    def model(xs):
+        for t in pyro.markov(range(len(xs))):
+            step(t, xs[t])
+
+    guide = IterativeGuide(model, num_iterations=0)
+    guide(torch.zeros(2))
+    loc, log_scale = guide.trace.nodes["v_1"]["infer"]["avf_lambda"]
+    assert loc.item() == pytest.approx(expected_loc, abs=1e-5)
+    assert log_scale.exp().item() == pytest.approx(expected_scale, rel=1e-4)
+    values = torch.stack([guide(torch.zeros(2))["v_1"] for _ in range(200)])
+    assert prior.support.check(values).all()
+    assert values.mean().item() == pytest.approx(prior.mean.item(), rel=0.15)

@@ -77,6 +77,10 @@ class PassRecord:
         self.step_executions = 0
 
 
+def _detached(tree):
+    return torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, tree)
+
+
 class _ActiveStep:
     """The posteriors handed to the final run of a step, slot by slot."""
 
@@ -384,6 +388,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
     # ----- inference at one step -----
 
     def _run(self, fn, args, kwargs, ctx: StepContext, lambdas) -> StepRun:
+        """One inference re-run (inputs detached and model parameters frozen by :meth:`_infer_step`)."""
         run = StepRun(ctx, lambdas, self.kl_weight)
         with run:
             fn(*args, **kwargs)
@@ -394,6 +399,22 @@ class IterativeGuide(GuideMessenger, nn.Module):
         """K inference iterations at one step; returns λ_K per slot (None when K = 0)."""
         record = StepRecord(self._t, ctx)
         self.last_pass.steps.append(record)
+        if not self.num_iterations:
+            return None
+        # the re-runs only need gradients with respect to λ: detach the step's inputs and freeze the model's
+        # parameters, so no graph is built towards θ or the past
+        args, kwargs = _detached((args, kwargs))
+        nets = {id(p) for p in self.update_nets.parameters()}
+        frozen = [p for p in pyro.get_param_store()._params.values() if p.requires_grad and id(p) not in nets]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return self._iterate(record, fn, args, kwargs, ctx)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _iterate(self, record: StepRecord, fn, args, kwargs, ctx: StepContext) -> Optional[List[Lambda]]:
         leaves: Optional[List[Lambda]] = None
         current: Optional[List[Lambda]] = None
         opt_states: List[dict] = []

@@ -37,10 +37,13 @@ from pyro.infer import SVI, Trace_ELBO
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_loaders.moving_mnist import dequantize, moving_mnist_splits  # noqa: E402
+from data_loaders.moving_mnist import dequantize  # noqa: E402
 from pyro_avf import AmortizedFilteringELBO, IterativeGuide  # noqa: E402
 from pyro_avf.evaluation import filtering_free_energy  # noqa: E402
 from pyro_avf.models.svg import SVG  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flows import load_data  # noqa: E402  (the same Moving MNIST sequences as the flows benchmark)
 
 METHODS = ("AVF", "baseline")
 
@@ -68,15 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.minutes <= 0:
         p.error(f"--minutes must be positive, got {args.minutes}")
     return args
-
-
-def load_data(args) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 train and test sequences (N, T, 1, H, W) from disjoint digit pools."""
-    train, test = moving_mnist_splits(
-        args.data / "mnist", num_train=args.num_train, num_test=args.num_test, seed=args.seed,
-        frame_size=args.frame_size, num_frames=args.frames, num_digits=1, as_uint8=True,
-    )  # fmt: skip
-    return torch.stack([train[i] for i in range(len(train))]), torch.stack([test[i] for i in range(len(test))])
 
 
 def run(method: str, args, train_u8: torch.Tensor, test_x: torch.Tensor) -> Dict[str, float]:

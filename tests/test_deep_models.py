@@ -27,18 +27,6 @@ SMALL = {
 NAMES = list(SMALL)
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    """Fresh parameters and seed; one thread (tiny networks run slower with two on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-    torch.set_num_threads(threads)
-
-
 def jsb(n: int = 16, steps: int = 25) -> torch.Tensor:
     with np.load(DATA, allow_pickle=False) as data:
         return torch.from_numpy(data["x_train"][:n, :steps].copy())

@@ -16,17 +16,6 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 Z_DIM, HIDDEN, K = 16, 128, 3
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     """512 training-pool digits (the first 256 to train on, the next 256 held out): binary and real-valued."""

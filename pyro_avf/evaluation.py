@@ -16,6 +16,7 @@ The reported number is the paper's: total free energy over real steps divided by
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict
 
 import pyro
@@ -58,7 +59,9 @@ def _iterative(guide: IterativeGuide, args, kwargs) -> Dict[str, torch.Tensor]:
     for p in frozen:
         p.requires_grad_(False)
     try:
-        guide(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not registered in the param store because requires_grad")
+            guide(*args, **kwargs)
     finally:
         guide.online, guide.kl_weight = online, kl_weight
         for p in frozen:

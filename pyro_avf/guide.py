@@ -409,7 +409,9 @@ class IterativeGuide(GuideMessenger, nn.Module):
         for p in frozen:
             p.requires_grad_(False)
         try:
-            return self._iterate(record, fn, args, kwargs, ctx)
+            with warnings.catch_warnings():  # pyro.module inside a step would warn about the frozen parameters
+                warnings.filterwarnings("ignore", message=".*not registered in the param store because requires_grad")
+                return self._iterate(record, fn, args, kwargs, ctx)
         finally:
             for p in frozen:
                 p.requires_grad_(True)

@@ -42,7 +42,7 @@ from pyro_avf.step import STEP_TYPE
 from pyro_avf.step_run import Lambda, StepRun, check_finite_observation
 from pyro_avf.updates import AdamUpdate, SGDUpdate, UpdateNetwork
 
-UPDATES = ("highway", "learned_sgd", "sgd", "adam")
+UPDATES = ("highway", "residual", "learned_sgd", "sgd", "adam")
 
 
 class StepRecord:
@@ -142,7 +142,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
 
     :param callable model: the Pyro model.
     :param int num_iterations: K, the number of inference iterations per step (0: the posterior is the prior).
-    :param str update: ``"highway"`` (gated learned update, the AVF paper's), ``"learned_sgd"``
+    :param str update: ``"highway"`` (gated learned update, the AVF paper's), ``"residual"`` (gated residual,
+        starts at the prior), ``"learned_sgd"``
         (:math:`\\lambda - \\eta\\odot\\nabla + \\Delta`), or ``"sgd"`` / ``"adam"`` for non-amortized filtering EM.
     :param str encoding: ``"gradient"`` or ``"error"`` (prediction errors; Gaussian models).
     :param bool encode_observation: also feed the step's observations to the update network.

@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         "filtering guide; autonormal: refused with an explanation",
     )
     p.add_argument("--iterations", type=int, default=5, help="inference iterations K per step (avf, em)")
-    p.add_argument("--update", choices=("highway", "learned_sgd"), default="highway", help="AVF update form")
+    p.add_argument(
+        "--update", choices=("highway", "residual", "learned_sgd"), default="highway", help="AVF update form"
+    )
     p.add_argument("--hidden-size", type=int, default=1024, help="units per layer of the update networks")
     p.add_argument("--encode-observation", action="store_true", help="AVF: also feed x_t to the update network")
     p.add_argument("--inference-lr", type=float, default=0.1, help="step size of the em inference optimiser")

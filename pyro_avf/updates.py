@@ -9,6 +9,8 @@ shaped ``batch + (D,)``. An update maps the current estimate and the free-energy
 
   - ``"highway"`` (gated output):
     :math:`\\lambda \\leftarrow g \\odot \\lambda + (1 - g) \\odot \\Delta`;
+  - ``"residual"`` (gated residual, zero-initialised so that an untrained network keeps the prior):
+    :math:`\\lambda \\leftarrow \\lambda + (1 - g) \\odot \\Delta`;
   - ``"learned_sgd"``: :math:`\\lambda \\leftarrow \\lambda - \\eta \\odot \\nabla_\\lambda F + \\Delta`,
     with a learned positive per-dimension step :math:`\\eta`.
 
@@ -31,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 Lambda = Tuple[torch.Tensor, torch.Tensor]
+FORMS = ("highway", "residual", "learned_sgd")
 LOG_SCALE_RANGE = (-9.0, 5.0)  # posterior scales kept in [1.2e-4, 148] so a wild update cannot underflow
 
 
@@ -68,7 +71,7 @@ class UpdateNetwork(nn.Module):
     """The learned update :math:`f_\\phi` of one latent slot (shared over time steps).
 
     :param int dim: flattened size D of the slot's unconstrained latent.
-    :param str form: ``"highway"`` (gated) or ``"learned_sgd"``.
+    :param str form: ``"highway"`` (gated), ``"residual"`` (gated residual) or ``"learned_sgd"``.
     :param str encoding: ``"gradient"`` or ``"error"``.
     :param int error_dim: size of the flattened observation error (error encoding only).
     :param int obs_dim: size of the flattened observation to encode as well (0: none).
@@ -91,8 +94,8 @@ class UpdateNetwork(nn.Module):
         init_lr: float = 0.1,
     ):
         super().__init__()
-        if form not in ("highway", "learned_sgd"):
-            raise ValueError(f"update form must be 'highway' or 'learned_sgd', got {form!r}")
+        if form not in FORMS:
+            raise ValueError(f"update form must be one of {FORMS}, got {form!r}")
         if encoding not in ("gradient", "error"):
             raise ValueError(f"encoding must be 'gradient' or 'error', got {encoding!r}")
         if form == "learned_sgd" and encoding != "gradient":
@@ -108,6 +111,10 @@ class UpdateNetwork(nn.Module):
         if form == "highway":
             self.out_gate = nn.Linear(hidden, 2 * dim)
             nn.init.constant_(self.out_gate.bias, 2.0)  # start close to "keep the prior"
+        elif form == "residual":
+            self.out_gate = nn.Linear(hidden, 2 * dim)
+            nn.init.zeros_(self.delta.weight)  # starts as the identity: the posterior stays at the prior
+            nn.init.zeros_(self.delta.bias)
         else:
             nn.init.zeros_(self.delta.weight)
             nn.init.zeros_(self.delta.bias)
@@ -133,6 +140,8 @@ class UpdateNetwork(nn.Module):
         if self.form == "highway":
             g = torch.sigmoid(self.out_gate(h))
             new = g * lam_cat + (1 - g) * delta
+        elif self.form == "residual":
+            new = lam_cat + (1 - torch.sigmoid(self.out_gate(h))) * delta
         else:
             grad_cat = torch.cat([grads[0], grads[1]], -1).detach()
             new = lam_cat - F.softplus(self.raw_lr) * grad_cat + delta

@@ -289,3 +289,19 @@ def test_constrained_latents_start_at_the_prior_moments_in_the_unconstrained_spa
     values = torch.stack([guide(torch.zeros(2))["v_1"] for _ in range(200)])
     assert prior.support.check(values).all()
     assert values.mean().item() == pytest.approx(prior.mean.item(), rel=0.15)
+
+
+def test_an_untrained_residual_update_keeps_the_prior_and_then_learns():
+    m, xs = lgssm_data(num=32, T=5)
+    guide = IterativeGuide(m.model, num_iterations=3, update="residual", hidden_size=32)
+    elbo = AmortizedFilteringELBO()
+    elbo.loss(m.model, guide, xs)
+    assert elbo.diagnostics["kl"].abs().max() < 1e-5  # every iteration is still the prior
+    svi = SVI(m.model, guide, pyro.optim.Adam({"lr": 3e-3}), elbo)
+    for _ in range(30):
+        svi.step(xs)
+    per_iteration = 0
+    for _ in range(5):
+        elbo.loss(m.model, guide, xs)
+        per_iteration = per_iteration + elbo.diagnostics["free_energy"].mean((0, 1)) / 5
+    assert per_iteration[-1] < per_iteration[0] - 1.0

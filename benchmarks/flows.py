@@ -51,14 +51,20 @@ MODELS = ("1-AF", "2-AF", "SLVM", "SLVM w/ 1-AF")
 POSTER = {"1-AF": "2.15", "2-AF": "2.13", "SLVM": "≤ 1.92", "SLVM w/ 1-AF": "≤ 1.86"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--minutes", type=float, default=3.0, help="wall-clock training budget per model")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The Moving MNIST options that :func:`load_data` reads (shared with ``benchmarks/svg.py``)."""
     p.add_argument("--frame-size", type=int, default=32)
     p.add_argument("--frames", type=int, default=10)
     p.add_argument("--num-train", type=int, default=2000)
     p.add_argument("--num-test", type=int, default=200)
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding mnist/")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_data_args(p)
+    p.add_argument("--minutes", type=float, default=3.0, help="wall-clock training budget per model")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--flow-hidden", type=int, default=16, help="channels of the flows' conv networks")
@@ -69,7 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=1, help="K, AVF inference iterations per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding mnist/")
     p.add_argument("--out", type=Path, default=Path("/tmp/flows_table.md"))
     p.add_argument("--png", type=Path, default=Path("/tmp/flows_frames.png"))
     args = p.parse_args(argv)

@@ -43,19 +43,16 @@ from pyro_avf.evaluation import filtering_free_energy  # noqa: E402
 from pyro_avf.models.svg import SVG  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flows import load_data  # noqa: E402  (the same Moving MNIST sequences as the flows benchmark)
+from flows import add_data_args, load_data  # noqa: E402  (the same Moving MNIST sequences as the flows benchmark)
 
 METHODS = ("AVF", "baseline")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_data_args(p)
     p.add_argument("--minutes", type=float, default=3.0, help="wall-clock training budget per method")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--frame-size", type=int, default=32)
-    p.add_argument("--frames", type=int, default=10)
-    p.add_argument("--num-train", type=int, default=2000)
-    p.add_argument("--num-test", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--g-dim", type=int, default=64)
@@ -65,7 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=1, help="K, AVF inference iterations per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding mnist/")
     p.add_argument("--out", type=Path, default=Path("/tmp/svg_table.md"))
     args = p.parse_args(argv)
     if args.minutes <= 0:

@@ -68,7 +68,6 @@ class Terms:
     def __init__(self, batch_shape: Optional[torch.Size], kl_weight: float = 1.0):
         self.kl_weight = kl_weight
         self.loss = torch.zeros(())
-        self.num_observed_sites = 0
         self.scaled = False  # whether any site carries a scale other than 1 (subsampling, poutine.scale)
         self._start(torch.Size() if batch_shape is None else batch_shape)
         self.batch_shape = batch_shape  # None: taken from the first site
@@ -87,7 +86,6 @@ class Terms:
         self.reconstruction = self.reconstruction + reduce_to(nll, self.batch_shape)
         self.loss = self.loss + (scale * nll).sum()
         self.scaled = self.scaled or not _is_one(scale)
-        self.num_observed_sites += 1
         seen = (
             torch.ones_like(nll, dtype=torch.bool)
             if mask is None

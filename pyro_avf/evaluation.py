@@ -16,16 +16,15 @@ The reported number is the paper's: total free energy over real steps divided by
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Dict
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
 from pyro_avf.free_energy import StepContext, Terms, stack_terms
 from pyro_avf.guide import IterativeGuide
+from pyro_avf.online import inference_only
 from pyro_avf.posterior import normal_parameters
 
 
@@ -52,20 +51,8 @@ class StepTagger(Messenger):
 
 
 def _iterative(guide: IterativeGuide, args, kwargs) -> Dict[str, torch.Tensor]:
-    online, kl_weight = guide.online, guide.kl_weight
-    guide.online, guide.kl_weight = True, 1.0  # the true free energy, whatever annealing training used
-    # parameters need no gradient here (only λ does), so no graph over the sequence survives a step
-    frozen = [p for p in pyro.get_param_store()._params.values() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not registered in the param store because requires_grad")
-            guide(*args, **kwargs)
-    finally:
-        guide.online, guide.kl_weight = online, kl_weight
-        for p in frozen:
-            p.requires_grad_(True)
+    with inference_only(guide):
+        guide(*args, **kwargs)
     steps = guide.last_pass.steps
     return {
         "free_energy": stack_terms([s.free_energy[-1] for s in steps]),

@@ -198,6 +198,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         self.online = False
         self.local_update_gradients = False
         self.last_pass: Optional[PassRecord] = None
+        self.last_online_run: Optional[StepRun] = None  # the final run of the latest step in online mode
         self._slots: Dict[int, tuple] = {}
         self._static: Optional[bool] = None
         self._active: Optional[_ActiveStep] = None
@@ -284,6 +285,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
             with run:
                 value = msg["fn"](*msg["args"], **msg["kwargs"])
         self.last_pass.step_executions += 1
+        self.last_online_run = run
         self.last_pass.steps[-1].add([run])
         self.last_pass.steps[-1].observed = run.terms.observed
         msg["value"] = torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)

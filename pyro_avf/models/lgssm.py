@@ -63,7 +63,7 @@ def mask_context(mask_t: Optional[Tensor]):
 
 
 def stable_matrix(dim: int, spectral_radius: float, generator: torch.Generator) -> Tensor:
-    """Random Gaussian (dim × dim) matrix rescaled so that max |eigenvalue| = ``spectral_radius``."""
+    """Random Gaussian (dim × dim) matrix rescaled so that ``max |eigenvalue| = spectral_radius``."""
     if spectral_radius < 0:
         raise ValueError(f"spectral_radius must be non-negative, got {spectral_radius}")
     m = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
@@ -135,7 +135,7 @@ class LinearGaussianSSM(ParameterStore):
         r_range: tuple[float, float] = (0.3, 0.7),
         learnable: bool = False,
     ) -> LinearGaussianSSM:
-        """A random stable LG-SSM: max |eig(A)| = ``spectral_radius``, C_ij ~ N(0, 1/d), q and r uniform in
+        """A random stable LG-SSM: ``max |eig(A)| = spectral_radius``, C_ij ~ N(0, 1/d), q and r uniform in
         the given ranges. Deterministic for a given ``seed``."""
         if latent_dim < 1 or obs_dim < 1:
             raise ValueError(f"latent_dim and obs_dim must be >= 1, got {latent_dim}, {obs_dim}")
@@ -192,6 +192,10 @@ class LinearGaussianSSM(ParameterStore):
                 z = self.step(t, z, xs[:, t - 1], None if mask is None else mask[:, t - 1])
         return z
 
+    def stream(self) -> LGSSMStream:
+        """This model as a streaming model for :class:`~pyro_avf.online.OnlineFilter` (``init``/``step``)."""
+        return LGSSMStream(self)
+
     @torch.no_grad()
     def sample(self, num_sequences: int, T: int, seed: int = 0) -> tuple[Tensor, Tensor]:
         """Draw ``(xs, zs)`` of shapes (N, T, n) and (N, T, d) from the model, reproducibly for ``seed``."""
@@ -207,3 +211,38 @@ class LinearGaussianSSM(ParameterStore):
             zs.append(z)
             xs.append(x)
         return torch.stack(xs, 1), torch.stack(zs, 1)
+
+
+class LGSSMStream:
+    """:meth:`LinearGaussianSSM.step` one observation at a time, for :class:`~pyro_avf.online.OnlineFilter`.
+
+    The state holds the step count ``t`` and the last latent ``z`` (batch, d); ``step(state, None)``
+    simulates the observation. The sites match those of :meth:`LinearGaussianSSM.model`.
+
+    Example::
+
+        f = OnlineFilter(ssm.stream(), guide, predict_steps=1)
+        f.init(batch_size=1)
+        out = f.step(x_t)     # x_t: (1, n)
+    """
+
+    def __init__(self, ssm: LinearGaussianSSM):
+        self.ssm = ssm
+
+    def init(self, state: dict, batch_size: int = 1) -> None:
+        """``z_0 = 0`` for ``batch_size`` streams."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        state["t"] = 0
+        state["z"] = torch.zeros(batch_size, self.ssm.latent_dim, dtype=self.ssm.A.dtype)
+
+    def step(self, state: dict, x_t: Optional[Tensor]) -> None:
+        """Advance by one step with observation ``x_t`` (batch, n), or simulate it when ``x_t`` is None."""
+        batch = state["z"].size(0)
+        if x_t is not None:
+            x_t = validate_sequences(x_t.unsqueeze(1), self.ssm.obs_dim, self.ssm.A.dtype, name="x_t")[:, 0]
+            if x_t.size(0) != batch:
+                raise ValueError(f"x_t must have shape ({batch}, {self.ssm.obs_dim}), got {tuple(x_t.shape)}")
+        state["t"] += 1
+        with pyro.plate("sequences", batch):
+            state["z"] = self.ssm.step(state["t"], state["z"], x_t)

@@ -21,6 +21,7 @@ setup(
         "video": ["imageio>=2.30", "imageio-ffmpeg>=0.4"],
         "test": [
             "pytest>=7",
+            "sphinx>=7",
             "ruff>=0.4",
             "nbclient>=0.7",
             "nbformat>=5.7",

@@ -142,7 +142,7 @@ class AffineAutoregressiveFlow(nn.Module):
         return torch.stack([padded[:, k : k + steps] for k in range(self.window)], dim=2)
 
     def shift_and_scale_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mu_t, sigma_t)`` for every step of an observed sequence ``x`` (B, T, *frame), in parallel."""
+        """``(mu_t, sigma_t)`` for every step of an observed sequence ``x`` ``(B, T, *frame)``, in parallel."""
         self._check_sequence(x, "x")
         batch, steps = x.shape[:2]
         hist = self.histories(x).reshape(batch * steps, self.window, *self.frame_shape)

@@ -77,7 +77,7 @@ class TwoLevelSSM(ParameterStore):
         scale_range: tuple[float, float] = (0.3, 0.7),
         learnable: bool = False,
     ) -> TwoLevelSSM:
-        """Random stable model: max |eig(A)| = ``spectral_radius``, B_ij ~ N(0, 1/d1), C_ij ~ N(0, 1/d2),
+        """Random stable model: ``max |eig(A)| = spectral_radius``, B_ij ~ N(0, 1/d1), C_ij ~ N(0, 1/d2),
         all noise scales uniform in ``scale_range``. Deterministic for a given ``seed``."""
         if min(z1_dim, z2_dim, obs_dim) < 1:
             raise ValueError(f"all dimensions must be >= 1, got {z1_dim}, {z2_dim}, {obs_dim}")

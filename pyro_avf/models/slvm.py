@@ -163,7 +163,7 @@ class SLVM(nn.Module):
         return z
 
     def model(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """Score ``xs`` (B, T, *frame_shape); ``mask`` (B, T) bool is False on padding. Returns z_T."""
+        """Score ``xs`` ``(B, T, *frame_shape)``; ``mask`` (B, T) bool is False on padding. Returns z_T."""
         xs, mask = self._check(xs, mask)
         pyro.module("slvm", self.generative)
         if self.flow is not None:

@@ -201,6 +201,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         self.last_online_run: Optional[StepRun] = None  # the final run of the latest step in online mode
         self._slots: Dict[int, tuple] = {}
         self._static: Optional[bool] = None
+        self._local_return: Optional[bool] = None  # see _return_is_local
         self._active: Optional[_ActiveStep] = None
         self._t = 0
 
@@ -270,7 +271,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
             self._finish_online(msg, ctx, lambdas)
             return
         graph = None
-        if self.local_update_gradients and self.amortized and lambdas is not None:
+        if self.local_update_gradients and self.amortized and lambdas is not None and not self._local_return:
             graph = lambdas
             lambdas = [(loc.detach().requires_grad_(), ls.detach().requires_grad_()) for loc, ls in lambdas]
         self._active = _ActiveStep(lambdas, ctx, graph)
@@ -312,7 +313,46 @@ class IterativeGuide(GuideMessenger, nn.Module):
             self.last_pass.steps[-1].final_terms = terms
             if active.graph is not None:
                 self._add_final_surrogate(active, terms)
+                if self._local_return is None:
+                    self._local_return = self._return_is_local(msg["value"], active)
+            elif self.amortized and active.lambdas is not None:
+                msg["value"] = self._detach_latents(msg["value"], active)
         self._t += 1
+
+    def _latent_values(self, active: _ActiveStep) -> List[torch.Tensor]:
+        return [self.trace.nodes[name]["value"] for name in active.latent_names]
+
+    def _detach_latents(self, value, active: _ActiveStep):
+        """The step's return value with this step's latent samples detached: later steps see z_t as data, so
+        the final free energy's gradient reaches φ through λ_K from this step only (no extra backward)."""
+        latents = {id(z) for z in self._latent_values(active)}
+        return torch.utils._pytree.tree_map(
+            lambda v: v.detach() if isinstance(v, torch.Tensor) and id(v) in latents else v, value
+        )
+
+    def _return_is_local(self, value, active: _ActiveStep) -> bool:
+        """Whether later steps can only depend on this step's latents through returned latent samples
+        themselves (true when the step returns z_t, as SRNN, DMM and the LG-SSM do; false when it returns a
+        state computed from z_t, as VRNN does). When true, later steps take the single-backward path of
+        :meth:`_detach_latents`; otherwise every step pays one extra ``autograd.grad``
+        (:meth:`_add_final_surrogate`). Decided once, at the first step, from the autograd graph."""
+        latents = {id(z) for z in self._latent_values(active)}
+        leaves = {id(p) for lam in active.lambdas for p in lam}
+        others = [
+            v
+            for v in torch.utils._pytree.tree_leaves(value)
+            if isinstance(v, torch.Tensor) and v.requires_grad and id(v) not in latents
+        ]
+        seen, frontier = set(), [v.grad_fn for v in others if v.grad_fn is not None]
+        while frontier:
+            node = frontier.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if id(getattr(node, "variable", None)) in leaves:
+                return False
+            frontier.extend(next_node for next_node, _ in node.next_functions)
+        return True
 
     def _add_final_surrogate(self, active: _ActiveStep, terms: Terms) -> None:
         """Train φ on this step's own final free energy only: :math:`\\nabla_\\lambda \\mathcal{F}_t(\\lambda_K)`

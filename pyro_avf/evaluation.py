@@ -53,13 +53,7 @@ class StepTagger(Messenger):
 def _iterative(guide: IterativeGuide, args, kwargs) -> Dict[str, torch.Tensor]:
     with inference_only(guide):
         guide(*args, **kwargs)
-    steps = guide.last_pass.steps
-    return {
-        "free_energy": stack_terms([s.free_energy[-1] for s in steps]),
-        "kl": stack_terms([s.kl[-1] for s in steps]),
-        "reconstruction": stack_terms([s.reconstruction[-1] for s in steps]),
-        "observed": stack_terms([s.observed for s in steps]),
-    }
+    return guide.last_pass.online.stacked()
 
 
 def _replayed(model: Callable, guide: Callable, args, kwargs) -> Dict[str, torch.Tensor]:

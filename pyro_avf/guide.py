@@ -62,6 +62,48 @@ class StepRecord:
         self.reconstruction.append(sum(r.terms.reconstruction.detach() for r in runs) / n)
 
 
+class OnlineRecord:
+    """Per-step free energy, KL, reconstruction and observed flag of an online pass in one growing buffer.
+
+    Rows are written into a tensor of shape ``(capacity, *batch, 4)`` that doubles when full, so a long
+    sequence costs 16 bytes per step and batch element and no Python object per step.
+    """
+
+    FIELDS = ("free_energy", "kl", "reconstruction", "observed")
+
+    def __init__(self):
+        self.buffer: Optional[torch.Tensor] = None
+        self.count = 0
+
+    def append(self, terms: Terms) -> None:
+        fe = terms.free_energy.detach()
+        row = torch.stack([fe, terms.kl.detach(), terms.reconstruction.detach(), terms.observed.to(fe.dtype)], -1)
+        if self.buffer is None:
+            self.buffer = row.new_empty((64,) + row.shape)
+        elif row.shape != self.buffer.shape[1:]:
+            raise ValueError(
+                f"pyro_avf: the step's outer batch shape changed from {tuple(self.buffer.shape[1:-1])} to "
+                f"{tuple(row.shape[:-1])}; online filtering needs the same plates around every step."
+            )
+        if self.count == self.buffer.size(0):
+            self.buffer = torch.cat([self.buffer, torch.empty_like(self.buffer)])
+        self.buffer[self.count] = row
+        self.count += 1
+
+    def last(self) -> Dict[str, torch.Tensor]:
+        """The latest step's terms, each of the step's batch shape."""
+        return self._split(self.buffer[self.count - 1])
+
+    def stacked(self) -> Dict[str, torch.Tensor]:
+        """Every step's terms as ``(batch, time)`` tensors (batch flattened)."""
+        return self._split(self.buffer[: self.count].reshape(self.count, -1, 4).transpose(0, 1))
+
+    def _split(self, data: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = {name: data[..., i].clone() for i, name in enumerate(self.FIELDS)}
+        out["observed"] = out["observed"].bool()
+        return out
+
+
 class PassRecord:
     """What one guide call leaves for the ELBO: the update networks' surrogate loss and diagnostics.
 
@@ -73,7 +115,8 @@ class PassRecord:
     def __init__(self):
         self.surrogate = torch.zeros(())
         self.final_surrogate = torch.zeros(())
-        self.steps: List[StepRecord] = []
+        self.steps: List[StepRecord] = []  # training passes: one record per step
+        self.online = OnlineRecord()  # online passes: the final terms of every step
         self.step_executions = 0
 
 
@@ -287,8 +330,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
                 value = msg["fn"](*msg["args"], **msg["kwargs"])
         self.last_pass.step_executions += 1
         self.last_online_run = run
-        self.last_pass.steps[-1].add([run])
-        self.last_pass.steps[-1].observed = run.terms.observed
+        self.last_pass.online.append(run.terms)
         msg["value"] = torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
         msg["done"] = True
 
@@ -441,7 +483,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
     def _infer_step(self, fn, args, kwargs, ctx: StepContext) -> Optional[List[Lambda]]:
         """K inference iterations at one step; returns λ_K per slot (None when K = 0)."""
         record = StepRecord(self._t, ctx)
-        self.last_pass.steps.append(record)
+        if not self.online:  # online passes keep no per-step Python objects (see OnlineRecord)
+            self.last_pass.steps.append(record)
         if not self.num_iterations:
             return None
         # the re-runs only need gradients with respect to λ: detach the step's inputs and freeze the model's

@@ -207,24 +207,24 @@ class OnlineFilter:
         guide.last_pass, guide._active, guide._t = PassRecord(), None, self.t
         with inference_only(guide), guide:
             self.model.step(self.state, *args, **kwargs)
-        steps = guide.last_pass.steps
-        if len(steps) != 1:
+        calls = guide.last_pass.online.count
+        if calls != 1:
             raise RuntimeError(
                 f"pyro_avf: model.step() must call a @pyro_avf.filtering_step function exactly once, it called "
-                f"{len(steps)}."
+                f"{calls}."
             )
         self.state = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, self.state)
         run = guide.last_online_run
         lambdas = [rec.lam for rec in run.latents]
         self._last = (before, args, kwargs, lambdas)
         self.t += 1
-        record = steps[0]
+        terms = guide.last_pass.online.last()
         return FilterStep(
             t=self.t,
             posterior={rec.name: posterior(rec.lam[0], rec.lam[1], rec.prior) for rec in run.latents},
-            free_energy=record.free_energy[-1],
-            kl=record.kl[-1],
-            reconstruction=record.reconstruction[-1],
+            free_energy=terms["free_energy"],
+            kl=terms["kl"],
+            reconstruction=terms["reconstruction"],
             predictive=self.predict(self.predict_steps) if self.predict_steps else None,
         )
 

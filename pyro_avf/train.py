@@ -409,7 +409,7 @@ def prediction_and_reconstruction(model: Callable, guide: Callable, xs: Tensor, 
     if isinstance(guide, IterativeGuide):
         with recorder:
             guide(xs, mask)
-        trace = guide.get_traces()[0]
+        trace = guide.get_traces()[1]  # the guide trace: its latent sites hold the final posteriors
     else:
         trace = poutine.trace(guide).get_trace(xs, mask)
         with recorder:

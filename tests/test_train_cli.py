@@ -178,3 +178,20 @@ def test_baseline_kl_weight_scales_only_the_latent_terms():
     nll = -sum(s["fn"].log_prob(s["value"]).sum() for s in model_trace.nodes.values() if s.get("is_observed"))
     assert losses[0.0] == pytest.approx(nll.item(), rel=1e-5)
     assert losses[1.0] != pytest.approx(losses[0.0], rel=1e-3)
+
+
+def test_reconstruction_uses_the_final_posterior_and_prediction_the_prior():
+    """With IterativeGuide the reconstruction is the observation mean under the final posterior mean (guide
+    trace), not under the prior (the model trace's latent sites hold the priors): the two differ after K >= 1
+    updates and match when K = 0."""
+    songs = train.load_polyphonic("jsb_chorales", "test", path=DATA)[:1]
+    xs, mask = songs[0][:12].unsqueeze(0), torch.ones(1, 12, dtype=torch.bool)
+    for k in (2, 0):
+        args = train.build_parser().parse_args([*TINY, "--model", "srnn", "--inference", "avf", "--iterations", str(k)])
+        train.pyro.clear_param_store()
+        train.pyro.set_rng_seed(0)
+        model = train.build_model(args)
+        guide, _ = train.build_inference(args, model)
+        prediction, reconstruction = train.prediction_and_reconstruction(model.model, guide, xs, mask)
+        assert prediction.shape == reconstruction.shape == xs.shape
+        assert torch.allclose(prediction, reconstruction) == (k == 0)

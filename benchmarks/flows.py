@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_data_args(p)
     p.add_argument("--minutes", type=float, default=3.0, help="wall-clock training budget per model")
+    p.add_argument("--steps", type=int, default=None, help="train every model for exactly this many steps "
+                   "(instead of --minutes: equal work however loaded the machine is)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -128,11 +130,11 @@ class Trainer:
 
 
 def train(trainer: Trainer, train_u8: torch.Tensor, args, log: Callable[[str], None]) -> int:
-    """Adam for ``args.minutes`` of wall time; returns the number of steps taken."""
+    """Adam for ``args.steps`` steps, or else ``args.minutes`` of wall time; returns the number of steps taken."""
     gen = torch.Generator().manual_seed(args.seed)
     deadline, steps, start = time.monotonic() + 60 * args.minutes, 0, time.monotonic()
     dims = train_u8[0].numel()
-    while time.monotonic() < deadline:
+    while steps < args.steps if args.steps else time.monotonic() < deadline:
         idx = torch.randint(len(train_u8), (args.batch_size,), generator=gen)
         loss = trainer.step(dequantize(train_u8[idx], generator=gen))
         steps += 1
@@ -185,7 +187,8 @@ def write_table(args, results, steps, corr, argv) -> None:
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
         f"torch {torch.__version__}, {platform.python_version()}; {torch.get_num_threads()} thread(s)  ",
         f"Data: Moving MNIST, 1 digit, {args.frame_size}x{args.frame_size}, {args.frames} frames, "
-        f"{args.num_train} train / {args.num_test} test sequences; {args.minutes:g} min of training per model",
+        f"{args.num_train} train / {args.num_test} test sequences; "
+        + (f"{args.steps} training steps per model" if args.steps else f"{args.minutes:g} min of training per model"),
         "",
         "| model | test nats/dim (here) | training steps | poster (64x64 M-MNIST) |",
         "| --- | --- | --- | --- |",

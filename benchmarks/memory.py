@@ -3,7 +3,10 @@
 Input: the first T steps of the longest MuseData test song (3,401 steps, real ``muse_data.npz``), batch 1,
 SRNN music sizes, untrained weights. Guides: ``IterativeGuide`` (K=5, online evaluation), the same with the
 model's parameters frozen (``requires_grad=False``: separates what the model's own autograd graph costs, e.g.
-the LSTM over the whole sequence, from what the guide keeps), and SRNN's baseline filtering guide.
+the LSTM over the whole sequence, from what the guide keeps), the same guide streaming the song one step at a
+time through :class:`~pyro_avf.online.OnlineFilter` with :class:`~pyro_avf.models.srnn.SRNNStream` (the
+deterministic LSTM advanced step by step instead of over the whole song up front), and SRNN's baseline
+filtering guide.
 
 Each (guide, T) runs in a fresh subprocess: after a 5-step warm-up (lazy update networks, first-call
 allocations) the process's peak resident set is reset (``/proc/self/clear_refs``), the evaluation runs, and the
@@ -30,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GUIDES = ("avf_k5", "avf_k5_frozen_model", "baseline")
+GUIDES = ("avf_k5", "avf_k5_frozen_model", "avf_k5_streaming", "baseline")
 
 
 def _status_kb(field: str) -> int:
@@ -56,7 +59,8 @@ def child(guide_name: str, steps: int, hidden_size: int, model_size=None) -> Dic
     """Measure one evaluation in this process (meant to be a fresh one); returns the numbers as a dict."""
     from pyro_avf.evaluation import filtering_free_energy, mean_free_energy_per_step
     from pyro_avf.guide import IterativeGuide
-    from pyro_avf.models.srnn import SRNN
+    from pyro_avf.models.srnn import SRNN, SRNNStream
+    from pyro_avf.online import OnlineFilter
 
     if guide_name not in GUIDES:
         raise ValueError(f"unknown guide {guide_name!r}; known: {GUIDES}")
@@ -73,10 +77,19 @@ def child(guide_name: str, steps: int, hidden_size: int, model_size=None) -> Dic
     xs = long_sequence(steps)
     mask = torch.ones(xs.shape[:2], dtype=torch.bool)
     filtering_free_energy(srnn.model, guide, xs[:, :5], mask[:, :5])  # warm-up
+    if guide_name == "avf_k5_streaming":
+        stream = OnlineFilter(SRNNStream(srnn), guide)
+        stream.init(batch_size=1)
+        stream.step(xs[:, 0])  # warm-up
     rss_before = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()
-    out = filtering_free_energy(srnn.model, guide, xs, mask)
+    if guide_name == "avf_k5_streaming":
+        stream.init(batch_size=1)
+        total = sum(stream.step(xs[:, t]).free_energy.sum().item() for t in range(steps))
+        out = {"free_energy": torch.tensor([[total / steps]]), "observed": torch.ones(1, 1, dtype=torch.bool)}
+    else:
+        out = filtering_free_energy(srnn.model, guide, xs, mask)
     seconds = time.perf_counter() - start
     peak_mb = (_status_kb("VmHWM") - rss_before) / 1024
     return {

@@ -141,6 +141,8 @@ def split_streams(fn: dist.Distribution, batch: int, times: int) -> dist.Distrib
             f"{tuple(fn.event_shape)}); predictions support element-wise observation distributions."
         )
     params = {name: getattr(fn, name) for name in fn.arg_constraints if name in fn.__dict__}
+    if "logits" in params:  # probs and logits are alternatives; a cached one may sit beside the other
+        params.pop("probs", None)
     shape = fn.batch_shape
     grouped = {
         name: v.expand(shape).reshape((batch, times) + shape[1:]) for name, v in params.items() if v is not None

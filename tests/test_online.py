@@ -147,3 +147,22 @@ def test_clear_errors():
     twice.init()
     with pytest.raises(RuntimeError, match="exactly once"):
         twice.step(torch.zeros(1, 2))
+
+
+def test_srnn_stream_matches_the_batch_pass_and_predicts():
+    from pyro_avf.models.srnn import SRNN, SRNNStream
+
+    srnn = SRNN.music(d_dim=12, a_dim=12, hidden_dim=12, z_dim=4)
+    guide = IterativeGuide(srnn.model, num_iterations=2, hidden_size=16)
+    xs = (torch.rand(3, 40, 88) < 0.1).float()
+    filtering_free_energy(srnn.model, guide, xs[:, :2])  # creates the update networks
+    pyro.set_rng_seed(5)
+    batch = filtering_free_energy(srnn.model, guide, xs)
+    pyro.set_rng_seed(5)
+    f = OnlineFilter(SRNNStream(srnn), guide, num_samples=7)
+    f.init(batch_size=3)
+    streamed = torch.stack([f.step(xs[:, t]).free_energy for t in range(40)], 1)
+    assert torch.allclose(streamed, batch["free_energy"], atol=1e-4, rtol=1e-4)  # LSTM stepwise vs whole
+    predictive = f.predict(2)["x_42"]
+    assert predictive.batch_shape == (3,) and predictive.event_shape == (88,)
+    assert ((predictive.mean >= 0) & (predictive.mean <= 1)).all()

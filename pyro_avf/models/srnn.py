@@ -24,6 +24,7 @@ from typing import Optional
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from torch import Tensor, nn
 
 from pyro_avf.models._layers import (
@@ -134,3 +135,54 @@ class SRNN(nn.Module):
                 with mask_context(None if mask is None else mask[:, t - 1]):
                     z = pyro.sample(f"z_{t}", dist.Normal(loc_p + delta, scale).to_event(1))
         return z
+
+
+class SRNNStream:
+    """:meth:`SRNN.step` one observation at a time, for :class:`~pyro_avf.online.OnlineFilter`.
+
+    The deterministic layer advances with the stream, :math:`d_t = \\mathrm{LSTM}(d_{t-1}, x_{t-1})` one step
+    per call, instead of over the whole sequence up front (the same numbers as :meth:`SRNN.model` up to
+    floating-point rounding), so memory does not grow with the length of the stream. The state holds ``t``,
+    ``z`` (B, z_dim), the previous observation ``x_prev`` (B, x_dim) and the LSTM state ``h``, ``c``
+    (B, layers, d_dim). ``step(state, None)`` simulates x_t and feeds it on.
+
+    Example::
+
+        f = OnlineFilter(SRNNStream(srnn), guide)
+        f.init(batch_size=1)
+        out = f.step(song[t].unsqueeze(0))
+    """
+
+    def __init__(self, srnn: SRNN):
+        self.srnn = srnn
+
+    def init(self, state: dict, batch_size: int = 1) -> None:
+        """x_0 = 0, d_0 = 0, z_0 = 0 for ``batch_size`` streams."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        rnn = self.srnn.generative.rnn
+        state["t"] = 0
+        state["z"] = torch.zeros(batch_size, self.srnn.z_dim)
+        state["x_prev"] = torch.zeros(batch_size, self.srnn.x_dim)
+        state["h"] = torch.zeros(batch_size, rnn.num_layers, rnn.hidden_size)
+        state["c"] = torch.zeros(batch_size, rnn.num_layers, rnn.hidden_size)
+
+    def step(self, state: dict, x_t: Optional[Tensor]) -> None:
+        """Advance by one step with observation ``x_t`` (B, x_dim), or simulate it when ``x_t`` is None."""
+        batch = state["z"].size(0)
+        if x_t is not None:
+            check_inputs(x_t.unsqueeze(1), None, self.srnn.x_dim, self.srnn.likelihood)
+            if x_t.size(0) != batch:
+                raise ValueError(f"x_t must have shape ({batch}, {self.srnn.x_dim}), got {tuple(x_t.shape)}")
+        hc = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
+        d, (h, c) = self.srnn.generative.rnn(state["x_prev"].unsqueeze(1), hc)
+        state["h"], state["c"] = h.transpose(0, 1), c.transpose(0, 1)
+        state["t"] += 1
+        t = state["t"]
+        with pyro.plate("sequences", batch):
+            if x_t is None:
+                trace = poutine.trace(self.srnn.step).get_trace(t, state["z"], d[:, 0], None)
+                state["z"], x_t = trace.nodes["_RETURN"]["value"], trace.nodes[f"x_{t}"]["value"]
+            else:
+                state["z"] = self.srnn.step(t, state["z"], d[:, 0], x_t)
+        state["x_prev"] = x_t

@@ -27,7 +27,11 @@ state dicts, optimizer and scheduler state, epoch, RNG states, all plain tensors
 ``torch.load(weights_only=True)``), ``results.csv`` (one row per evaluation: model, dataset, inference,
 iterations, epoch, ``wall_time_s`` (cumulative training time, evaluation excluded), ``train_loss_per_step`` (the
 β-weighted loss of the epoch over its real steps), ``test_free_energy_per_step``, ``test_steps``, ``kl_weight``,
-``lr``, ``processes``) and PNG plots (:mod:`pyro_avf.plots`). ``--max-minutes`` ends the epoch under way when
+``lr``, ``processes``; with ``--valid-every`` also ``valid_free_energy_per_step``, the best validation score so
+far, and ``tested_epoch``) and PNG plots (:mod:`pyro_avf.plots`). Early stopping (``--valid-every E``): every E
+epochs the validation songs are scored and the best parameters so far are saved to ``best.pt``; the final test
+evaluation uses those parameters (JSB Chorales overfits within an hour at ``--lr 1e-3``).
+``--max-minutes`` ends the epoch under way when
 the budget of this invocation is spent, then evaluates and saves as after any epoch. ``--resume`` continues
 from the checkpoint; an interrupted epoch is redone from its start with the same data and random numbers.
 
@@ -77,6 +81,7 @@ log = logging.getLogger("pyro_avf.train")
 MODELS = ("srnn", "vrnn", "dmm")
 INFERENCES = ("avf", "baseline", "em", "autonormal")
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"  # the parameters with the lowest validation free energy (--valid-every)
 RESULTS = "results.csv"
 CHECKPOINT_VERSION = 1
 # options that fix the shapes of the parameters: a checkpoint only resumes a run with the same values
@@ -126,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=10, help="evaluate every this many epochs (and at the end)")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--max-eval-songs", type=int, default=None, help="evaluate on the first N test songs only")
+    p.add_argument(
+        "--valid-every", type=int, default=0,
+        help="early stopping: score the validation songs every this many epochs, keep the best parameters and "
+        "report the test free energy of those (0: off, the last parameters are tested)",
+    )  # fmt: skip
+    p.add_argument("--max-valid-songs", type=int, default=None, help="validate on the first N validation songs only")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out-dir", default=None, help="output folder (default: runs/<model>_<dataset>_<inference>)")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
@@ -141,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject values that cannot work, with a message naming the option (``parser.error`` exits with 2)."""
     positive = ["epochs", "batch_size", "crop_length", "hidden_size", "eval_every", "eval_batch_size"]
-    optional_positive = ["z_dim", "model_size", "threads", "max_train_batches", "max_eval_songs"]
+    optional_positive = ["z_dim", "model_size", "threads", "max_train_batches", "max_eval_songs", "max_valid_songs"]
     optional_positive.append("simulate_kill_after")
     for name in positive + [n for n in optional_positive if getattr(args, n) is not None]:
         if getattr(args, name) < 1:
@@ -381,6 +392,32 @@ def evaluate(model: Callable, guide: Callable, batches: Sequence[Tuple[Tensor, T
     return {"free_energy_per_step": total / max(steps, 1.0), "steps": int(steps)}
 
 
+def validate(run: Run, dist: Dist, seed: int, epoch: int) -> None:
+    """Score the validation songs; when they improve on the best so far, save the parameters to ``best.pt``."""
+    result = evaluate(run.model.model, run.guide, run.valid, dist, seed)
+    log.info("epoch %d: validation free energy %.4f nats/step", epoch, result["free_energy_per_step"])
+    if result["free_energy_per_step"] < run.best_valid:
+        run.best_valid, run.best_epoch = result["free_energy_per_step"], epoch
+        if dist.main:
+            save_checkpoint(run.out_dir / BEST, version=CHECKPOINT_VERSION, epoch=epoch, net=run.net.state_dict())
+    if dist.world > 1:
+        torch_dist.barrier()
+
+
+def test_selected(run: Run, dist: Dist, seed: int) -> dict:
+    """The test free energy of the parameters with the best validation score (early stopping); the training
+    parameters are restored afterwards."""
+    current = {k: v.clone() for k, v in run.net.state_dict().items()}
+    best = torch.load(run.out_dir / BEST, weights_only=True)
+    run.net.load_state_dict(best["net"])
+    try:
+        result = evaluate(run.model.model, run.guide, run.test, dist, seed)
+    finally:
+        run.net.load_state_dict(current)
+    log.info("testing the parameters of epoch %d (best validation free energy %.4f)", best["epoch"], run.best_valid)
+    return {**result, "epoch": best["epoch"]}
+
+
 class StepRecorder(Messenger):
     """Records ``(fn, args, kwargs)`` of every executed filtering step (post-processing only, so the guide's
     probes of the handler stack are not counted)."""
@@ -489,7 +526,10 @@ class Run:
     test_songs: List[Tensor]
     test: List[Tuple[Tensor, Tensor]]
     out_dir: Path
+    valid: List[Tuple[Tensor, Tensor]]
     start_epoch: int = 0
+    best_valid: float = math.inf
+    best_epoch: int = 0
     wall: float = 0.0
     batches_run: int = 0  # training batches of this invocation
 
@@ -515,7 +555,12 @@ def setup(args: argparse.Namespace, dist: Dist) -> Run:
     loader = DataLoader(crops, batch_size=args.batch_size // dist.world, sampler=sampler, collate_fn=collate_sequences)
     n_batches = min(len(loader), args.max_train_batches or len(loader))
     test = eval_batches(test_songs, args.eval_batch_size)
-    run = Run(model, guide, net, optimizer, scheduler, crops, sampler, loader, n_batches, test_songs, test, out_dir)
+    valid = []
+    if args.valid_every:
+        valid_songs = load_polyphonic(args.dataset, "valid", path=data_dir)[: args.max_valid_songs]
+        valid = eval_batches(valid_songs, args.eval_batch_size)
+    run = Run(model, guide, net, optimizer, scheduler, crops, sampler, loader, n_batches, test_songs, test, out_dir,
+              valid)  # fmt: skip
 
     results = out_dir / RESULTS
     if args.resume:
@@ -524,6 +569,7 @@ def setup(args: argparse.Namespace, dist: Dist) -> Run:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         run.start_epoch, run.wall = state["epoch"], state["wall_time"]
+        run.best_valid, run.best_epoch = state.get("best_valid", math.inf), state.get("best_epoch", 0)
         set_rng_state(state["rng"])
         if dist.main:
             trim_results(results, run.start_epoch)
@@ -589,8 +635,12 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict:
         run.wall += time.monotonic() - epoch_start
         done, train_loss = epoch + 1, loss_sum / max(step_sum, 1)
         log.info("epoch %d: train loss %.4f nats/step (β %.3f, lr %.3g)", done, train_loss, beta, lr)
-        if done % args.eval_every == 0 or done == args.epochs or out_of_time:
-            result = evaluate(run.model.model, run.guide, run.test, dist, args.seed)
+        last = done == args.epochs or out_of_time
+        if args.valid_every and (done % args.valid_every == 0 or last):
+            validate(run, dist, args.seed, done)
+        if done % args.eval_every == 0 or last:
+            result = test_selected(run, dist, args.seed) if args.valid_every and last else (
+                evaluate(run.model.model, run.guide, run.test, dist, args.seed))  # fmt: skip
             row = {
                 "model": args.model, "dataset": args.dataset, "inference": args.inference,
                 "iterations": args.iterations if args.inference != "baseline" else 0, "epoch": done,
@@ -598,6 +648,8 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict:
                 "test_free_energy_per_step": result["free_energy_per_step"], "test_steps": result["steps"],
                 "kl_weight": beta, "lr": lr, "processes": dist.world,
             }  # fmt: skip
+            if args.valid_every:
+                row.update(valid_free_energy_per_step=run.best_valid, tested_epoch=result.get("epoch", done))
             log.info("epoch %d: test free energy %.4f nats/step over %d steps", done, row["test_free_energy_per_step"],
                      row["test_steps"])  # fmt: skip
             if dist.main:
@@ -608,7 +660,8 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict:
             save_checkpoint(
                 run.out_dir / CHECKPOINT, version=CHECKPOINT_VERSION, epoch=done, wall_time=run.wall,
                 config=structure(args), net=run.net.state_dict(), optimizer=run.optimizer.state_dict(),
-                scheduler=run.scheduler.state_dict(), rng=rng_state(),
+                scheduler=run.scheduler.state_dict(), rng=rng_state(), best_valid=run.best_valid,
+                best_epoch=run.best_epoch,
             )  # fmt: skip
         if out_of_time:
             log.info("stopping: the --max-minutes budget of %s minutes is spent", args.max_minutes)

@@ -195,3 +195,18 @@ def test_reconstruction_uses_the_final_posterior_and_prediction_the_prior():
         prediction, reconstruction = train.prediction_and_reconstruction(model.model, guide, xs, mask)
         assert prediction.shape == reconstruction.shape == xs.shape
         assert torch.allclose(prediction, reconstruction) == (k == 0)
+
+
+def test_early_stopping_tests_the_parameters_with_the_best_validation_score(tmp_path):
+    row = run(tmp_path, "--model", "srnn", "--inference", "avf", "--epochs", "3", "--max-train-batches", "2",
+              "--batch-size", "4", "--no-plots", "--valid-every", "1", "--max-valid-songs", "2",
+              "--lr", "0.05")  # fmt: skip
+    results = pd.read_csv(tmp_path / train.RESULTS)
+    best = torch.load(tmp_path / train.BEST, weights_only=True)
+    assert row["tested_epoch"] == best["epoch"] and 1 <= best["epoch"] <= 3
+    assert results["valid_free_energy_per_step"].is_monotonic_decreasing  # the best so far
+    assert results["valid_free_energy_per_step"].between(1, 200).all()
+    # evaluations use a fixed seed: the selected parameters give the number their own epoch's row gave
+    same_epoch = results.loc[results["epoch"] == best["epoch"], "test_free_energy_per_step"].iloc[0]
+    assert row["test_free_energy_per_step"] == pytest.approx(same_epoch, rel=1e-6)
+    assert best["epoch"] < 3, "the test expects the unstable lr to make a later epoch worse on validation"

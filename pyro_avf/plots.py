@@ -13,13 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
 
 __all__ = [
     "mean_free_energy_per_iteration",
@@ -36,7 +33,6 @@ def _save(fig, path: PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -45,7 +41,8 @@ def plot_training_curves(results: pd.DataFrame, path: PathLike) -> Path:
     missing = {"epoch", "train_loss_per_step", "test_free_energy_per_step"} - set(results.columns)
     if missing:
         raise ValueError(f"results are missing the columns {sorted(missing)}")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    axes = fig.subplots(1, 2)
     for ax, column, title in zip(
         axes, ("train_loss_per_step", "test_free_energy_per_step"), ("train loss / step", "test free energy / step")
     ):
@@ -71,7 +68,8 @@ def mean_free_energy_per_iteration(free_energy: torch.Tensor, observed: torch.Te
 def plot_free_energy_per_iteration(free_energy: torch.Tensor, observed: torch.Tensor, path: PathLike) -> Path:
     """Average step free energy (nats) after inference iteration k = 0 (the prior) .. K."""
     curve = mean_free_energy_per_iteration(free_energy, observed)
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    fig = Figure(figsize=(4.5, 3.5))
+    ax = fig.subplots()
     ax.plot(np.arange(len(curve)), curve, marker="o")
     ax.set_xlabel("inference iteration")
     ax.set_ylabel("free energy / step (nats)")
@@ -86,7 +84,8 @@ def plot_piano_roll(data: torch.Tensor, prediction: torch.Tensor, reconstruction
     shapes = {tuple(r.shape) for r in rolls.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"piano rolls must share one (time, keys) shape, got {sorted(shapes)}")
-    fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
+    fig = Figure(figsize=(9, 7))
+    axes = fig.subplots(3, 1, sharex=True)
     for ax, (title, roll) in zip(axes, rolls.items()):
         ax.imshow(roll.detach().cpu().numpy().T, aspect="auto", origin="lower", cmap="gray_r", vmin=0, vmax=1)
         ax.set_title(title)

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
 __all__ = ["plot_flow_frames"]
 
@@ -62,9 +59,8 @@ def plot_flow_frames(
     path.parent.mkdir(parents=True, exist_ok=True)
     data_range = (min(rows[0].min(), rows[1].min()), max(rows[0].max(), rows[1].max()))
     ranges = [data_range, data_range, (rows[2].min(), rows[2].max()), (rows[3].min(), rows[3].max())]
-    fig, axes = plt.subplots(
-        4, num_frames, figsize=(num_frames * _CELL_INCHES, 4 * _CELL_INCHES), squeeze=False, dpi=dpi
-    )
+    fig = Figure(figsize=(num_frames * _CELL_INCHES, 4 * _CELL_INCHES), dpi=dpi)
+    axes = fig.subplots(4, num_frames, squeeze=False)
     for i, (images, (lo, hi)) in enumerate(zip(rows, ranges)):
         for t in range(num_frames):
             ax = axes[i, t]
@@ -77,5 +73,4 @@ def plot_flow_frames(
                 ax.set_title(f"t = {t + 1}", fontsize=8)
     fig.subplots_adjust(left=0.08, right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.05)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path

@@ -10,7 +10,9 @@ two methods,
   (``pyro.sample(..., obs=None)`` does so): that is how predictions are made.
 
 Every tensor in ``state`` and in the step's tensor arguments leads with the batch dimension (one row per
-stream). At each :meth:`OnlineFilter.step` the trained :class:`~pyro_avf.IterativeGuide` infers
+stream), and ``step`` stores new values into ``state`` rather than changing its tensors in place (the filter
+keeps the previous state to simulate futures from).
+At each :meth:`OnlineFilter.step` the trained :class:`~pyro_avf.IterativeGuide` infers
 :math:`q(z_t)` from the prior prediction with its K iterations, exactly as the online evaluation of
 :func:`pyro_avf.evaluation.filtering_free_energy` does (same random draws for the same seed), and the state
 moves on with :math:`z_t \\sim q_{\\lambda_K}(z_t)`. Memory is constant per step: the filter keeps the current

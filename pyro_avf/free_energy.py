@@ -13,7 +13,7 @@ The loss multiplies each term by the site's scale (subsampling, ``poutine.scale`
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,53 +59,90 @@ def apply_mask(x: torch.Tensor, mask) -> torch.Tensor:
         return x
     if mask is False:
         return torch.zeros_like(x)
-    return torch.where(mask, x, x.new_zeros(()))
+    return torch.where(mask, x, 0.0 if x.is_floating_point() else x.new_zeros(()))
+
+
+def _accumulate(total: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return x if total is None else total + x
 
 
 class Terms:
-    """Accumulates reconstruction and KL terms of one step (per outer element and scaled for the loss)."""
+    """Accumulates reconstruction and KL terms of one step (per outer element and scaled for the loss).
+
+    The accumulators start empty (no tensor is made for a term that no site adds to) and the ``observed``
+    flag is only computed when read: the guide scores every inference re-run, so these terms sit on the
+    hot path of training.
+    """
 
     def __init__(self, batch_shape: Optional[torch.Size], kl_weight: float = 1.0):
         self.kl_weight = kl_weight
-        self.loss = torch.zeros(())
-        self.scaled = False  # whether any site carries a scale other than 1 (subsampling, poutine.scale)
-        self._start(torch.Size() if batch_shape is None else batch_shape)
         self.batch_shape = batch_shape  # None: taken from the first site
+        self.scaled = False  # whether any site carries a scale other than 1 (subsampling, poutine.scale)
+        self._loss: Optional[torch.Tensor] = None
+        self._reconstruction: Optional[torch.Tensor] = None
+        self._kl: Optional[torch.Tensor] = None
+        self._seen: List[Tuple[torch.Size, object]] = []  # (shape, mask) of each observation
 
-    def _start(self, batch_shape: torch.Size) -> None:
-        self.batch_shape = batch_shape
-        self.reconstruction = torch.zeros(batch_shape)
-        self.kl = torch.zeros(batch_shape)
-        self.observed = torch.zeros(batch_shape, dtype=torch.bool)
+    def _first_site(self, batch_shape: torch.Size) -> None:
+        if self.batch_shape is None:
+            self.batch_shape = batch_shape
+
+    def _add_loss(self, x: torch.Tensor, scale, weight: float = 1.0) -> None:
+        if not _is_one(scale):
+            x = scale * x
+            self.scaled = True
+        total = x.sum()
+        self._loss = _accumulate(self._loss, total if weight == 1.0 else weight * total)
 
     def add_observation(self, fn, value: torch.Tensor, mask, scale) -> None:
         """:math:`-\\log p(x)` of an observed site."""
-        if self.batch_shape is None:
-            self._start(fn.batch_shape)
+        self._first_site(fn.batch_shape)
         nll = apply_mask(-fn.log_prob(value), mask)
-        self.reconstruction = self.reconstruction + reduce_to(nll, self.batch_shape)
-        self.loss = self.loss + (scale * nll).sum()
-        self.scaled = self.scaled or not _is_one(scale)
-        seen = (
-            torch.ones_like(nll, dtype=torch.bool)
-            if mask is None
-            else apply_mask(torch.ones_like(nll, dtype=torch.bool), mask)
-        )
-        self.observed = self.observed | reduce_to(seen.to(torch.int64), self.batch_shape).bool()
+        self._reconstruction = _accumulate(self._reconstruction, reduce_to(nll, self.batch_shape))
+        self._add_loss(nll, scale)
+        self._seen.append((nll.shape, mask))
 
     def add_latent(self, q, prior, value: torch.Tensor, mask, scale, q_params=None) -> None:
         """:math:`D_{KL}(q \\| p)` (analytic when both are Normal) or :math:`\\log q(z) - \\log p(z)`."""
-        if self.batch_shape is None:
-            self._start(prior.batch_shape)
+        self._first_site(prior.batch_shape)
         kl = apply_mask(kl_or_log_ratio(q, prior, value, q_params), mask)
-        self.kl = self.kl + reduce_to(kl, self.batch_shape)
-        self.loss = self.loss + self.kl_weight * (scale * kl).sum()
-        self.scaled = self.scaled or not _is_one(scale)
+        self._kl = _accumulate(self._kl, reduce_to(kl, self.batch_shape))
+        self._add_loss(kl, scale, self.kl_weight)
+
+    def _zeros(self, dtype=None) -> torch.Tensor:
+        return torch.zeros(self.batch_shape or torch.Size(), dtype=dtype)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The scaled, β-weighted sum over sites and elements (what the ELBO differentiates)."""
+        return self._zeros() if self._loss is None else self._loss
+
+    @property
+    def reconstruction(self) -> torch.Tensor:
+        """Per-element :math:`-\\log p(x_t \\mid \\cdot)` (unscaled, masked)."""
+        return self._zeros() if self._reconstruction is None else self._reconstruction
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """Per-element KL (or its single-sample estimate), unweighted."""
+        return self._zeros() if self._kl is None else self._kl
+
+    @property
+    def observed(self) -> torch.Tensor:
+        """Per element: whether any observation of the step was unmasked."""
+        observed = self._zeros(torch.bool)
+        for shape, mask in self._seen:
+            seen = apply_mask(torch.ones(shape, dtype=torch.bool), mask)
+            observed = observed | reduce_to(seen.to(torch.int64), self.batch_shape).bool()
+        return observed
 
     @property
     def free_energy(self) -> torch.Tensor:
         """Per-element :math:`\\mathcal{F}_t` (unscaled, masked)."""
-        return self.reconstruction + self.kl_weight * self.kl
+        if self._kl is None:
+            return self.reconstruction
+        kl = self._kl if self.kl_weight == 1.0 else self.kl_weight * self._kl
+        return kl if self._reconstruction is None else self._reconstruction + kl
 
 
 def _is_one(scale) -> bool:

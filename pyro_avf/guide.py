@@ -56,10 +56,9 @@ class StepRecord:
         self.lambdas: List[List[Lambda]] = []  # detached λ_k per iteration (k = 0..K) and slot
 
     def add(self, runs: List[StepRun]) -> None:
-        n = len(runs)
-        self.free_energy.append(sum(r.terms.free_energy.detach() for r in runs) / n)
-        self.kl.append(sum(r.terms.kl.detach() for r in runs) / n)
-        self.reconstruction.append(sum(r.terms.reconstruction.detach() for r in runs) / n)
+        for name in ("free_energy", "kl", "reconstruction"):
+            values = [getattr(r.terms, name).detach() for r in runs]
+            getattr(self, name).append(values[0] if len(values) == 1 else sum(values) / len(values))
 
 
 class OnlineRecord:
@@ -245,6 +244,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         self._slots: Dict[int, tuple] = {}
         self._static: Optional[bool] = None
         self._local_return: Optional[bool] = None  # see _return_is_local
+        self._net_ids: Optional[set] = None  # ids of the update networks' parameters (never frozen)
         self._active: Optional[_ActiveStep] = None
         self._t = 0
 
@@ -423,7 +423,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
             return
         name, active = msg["name"], self._active
         if msg["is_observed"]:
-            check_finite_observation(name, msg["value"])
+            if active is None or not self.num_iterations:  # otherwise the inference re-runs checked it
+                check_finite_observation(name, msg["value"])
             if active is not None:
                 active.num_observed += 1
                 active.site_names.append(name)
@@ -490,12 +491,16 @@ class IterativeGuide(GuideMessenger, nn.Module):
         # the re-runs only need gradients with respect to λ: detach the step's inputs and freeze the model's
         # parameters, so no graph is built towards θ or the past
         args, kwargs = _detached((args, kwargs))
-        nets = {id(p) for p in self.update_nets.parameters()}
-        frozen = [p for p in pyro.get_param_store()._params.values() if p.requires_grad and id(p) not in nets]
+        if self._net_ids is None:
+            self._net_ids = {id(p) for p in self.update_nets.parameters()}
+        params = pyro.get_param_store()._params.values()
+        frozen = [p for p in params if p.requires_grad and id(p) not in self._net_ids]
         for p in frozen:
             p.requires_grad_(False)
         try:
-            with warnings.catch_warnings():  # pyro.module inside a step would warn about the frozen parameters
+            # the final run validates the step's distributions; the re-runs skip Pyro's argument checks
+            with warnings.catch_warnings(), pyro.validation_enabled(False):
+                # pyro.module inside a step would warn about the frozen parameters
                 warnings.filterwarnings("ignore", message=".*not registered in the param store because requires_grad")
                 return self._iterate(record, fn, args, kwargs, ctx)
         finally:
@@ -576,6 +581,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         if key not in self.update_nets:
             net = UpdateNetwork(dim, self.update, self.encoding, error_dim, obs_dim, self.hidden_size, self.lr)
             self.update_nets[key] = net
+            self._net_ids = None
             pyro.module(f"avf_update_{key}", net)
         net = self.update_nets[key]
         if (net.dim, net.error_dim, net.obs_dim) != (dim, error_dim, obs_dim):

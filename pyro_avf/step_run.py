@@ -59,7 +59,16 @@ def apply_context(msg, ctx: StepContext) -> None:
     msg["cond_indep_stack"] = tuple(ctx.frames) + tuple(msg["cond_indep_stack"])
     msg["scale"] = ctx.scale * msg["scale"]
     msg["mask"] = combine_masks(ctx.mask, msg["mask"])
-    BroadcastMessenger._pyro_sample(msg)
+    if not _has_plate_shape(msg["fn"], msg["cond_indep_stack"]):
+        BroadcastMessenger._pyro_sample(msg)
+
+
+def _has_plate_shape(fn, frames) -> bool:
+    """Whether ``fn`` already has every plate's size at the plate's dim (broadcasting would not change it)."""
+    shape = getattr(fn, "batch_shape", None)
+    if shape is None:
+        return False
+    return all(f.dim is None or f.size == -1 or (len(shape) >= -f.dim and shape[f.dim] == f.size) for f in frames)
 
 
 class StepRun(Messenger):

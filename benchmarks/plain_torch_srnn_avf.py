@@ -10,7 +10,7 @@ Per time step t, with :math:`(\\mu_p, \\sigma_p) = \\mathrm{prior}(z_{t-1}, d_t)
 
    .. math::
 
-       \\mathcal{F}_t(\\lambda_k) = -\\log \\mathrm{Bernoulli}(x_t \\mid \\mathrm{emitter}(z, d_t))
+       \\mathcal{F}_t(\\lambda_k) = -\\log p(x_t \\mid \\mathrm{emitter}(z, d_t))
            + \\beta\\, D_{KL}(\\mathcal{N}(\\mu_k, \\sigma_k^2) \\,\\|\\, \\mathcal{N}(\\mu_p, \\sigma_p^2)),
 
    :math:`g_k = \\nabla_\\lambda \\mathcal{F}_t(\\lambda_k)` (``torch.autograd.grad``) and
@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
@@ -66,9 +67,14 @@ def step_free_energy(
     """One sample :math:`z \\sim \\mathcal{N}(\\mu, e^{\\log\\sigma})`; returns (per-row :math:`\\mathcal{F}_t`, z)."""
     loc, log_scale = lam
     z = loc + torch.empty_like(loc).normal_() * log_scale.exp()
-    logits = srnn.generative.emitter[0](torch.cat([z, d_t], -1))
-    logits = srnn.generative.emitter[1].head(logits)
-    reconstruction = F.binary_cross_entropy_with_logits(logits, x_t, reduction="none").sum(-1)
+    features = srnn.generative.emitter[0](torch.cat([z, d_t], -1))
+    if srnn.likelihood == "bernoulli":
+        logits = srnn.generative.emitter[1].head(features)
+        reconstruction = F.binary_cross_entropy_with_logits(logits, x_t, reduction="none").sum(-1)
+    else:  # -log N(x; μ, σ) = (x - μ)²/(2σ²) + log σ + log √(2π), torch's formula
+        x_loc, x_scale = srnn.generative.emitter[1].head(features)
+        log_normal = -((x_t - x_loc) ** 2) / (2 * x_scale**2) - x_scale.log() - math.log(math.sqrt(2 * math.pi))
+        reconstruction = -log_normal.sum(-1)
     return reconstruction + kl_weight * normal_kl(loc, log_scale, *prior), z
 
 
@@ -80,9 +86,10 @@ def avf_loss(
     num_iterations: int = 5,
     kl_weight: float = 1.0,
 ) -> AVFLoss:
-    """The AVF training loss of a batch ``xs`` (B, T, 88) with ``mask`` (B, T) bool (False: padding)."""
-    if srnn.likelihood != "bernoulli":
-        raise ValueError(f"the plain-torch loop implements the Bernoulli likelihood only, got {srnn.likelihood!r}")
+    """The AVF training loss of a batch ``xs`` (B, T, x_dim) with ``mask`` (B, T) bool (False: padding).
+
+    Bernoulli (music) or Gaussian (speech) output, as ``srnn.likelihood``; an update network built with
+    ``obs_dim = x_dim`` also sees :math:`x_t` (the paper's speech setting, ``encode_observation=True``)."""
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
     gen = srnn.generative
@@ -104,7 +111,7 @@ def avf_loss(
             if k > 0:  # λ_k as a function of φ, paired with its own free-energy gradient
                 term = (g_loc * current[0]).sum() + (g_log_scale * current[1]).sum()
                 surrogate = surrogate + term - term.detach()
-            current = update(lam, grads=(g_loc, g_log_scale))
+            current = update(lam, grads=(g_loc, g_log_scale), obs=x_t if update.obs_dim else None)
             lam = (current[0].detach().requires_grad_(), current[1].detach().requires_grad_())
         fe, z = step_free_energy(srnn, current, (p_loc, p_scale), d_t, x_t, kl_weight)
         fe = torch.where(m_t, fe, 0.0)

@@ -28,10 +28,10 @@ if not (ROOT.parent / "shared" / "data" / "polyphonic").is_dir():
     pytest.skip("the shared polyphonic data are not available", allow_module_level=True)
 
 
-def tiny_pair(k: int):
+def tiny_pair(k: int, likelihood: str = "bernoulli", encode_observation: bool = False):
     """A tiny SRNN, its IterativeGuide (update network built by a first call) and 8 JSB crops with padding."""
-    srnn = SRNN.music(d_dim=24, a_dim=24, hidden_dim=24, z_dim=6)
-    guide = IterativeGuide(srnn.model, num_iterations=k, hidden_size=24)
+    srnn = SRNN.music(d_dim=24, a_dim=24, hidden_dim=24, z_dim=6, likelihood=likelihood)
+    guide = IterativeGuide(srnn.model, num_iterations=k, hidden_size=24, encode_observation=encode_observation)
     xs, mask = plain.jsb_crops(8, 12, seed=3)
     mask[0, 9:] = False  # padding at the end of one crop
     xs[0, 9:] = 0.0
@@ -39,9 +39,12 @@ def tiny_pair(k: int):
     return srnn, guide, xs, mask
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_plain_loop_equals_library_for_same_seed(k):
-    srnn, guide, xs, mask = tiny_pair(k)
+@pytest.mark.parametrize(
+    "k, likelihood, encode_observation", [(1, "bernoulli", False), (3, "bernoulli", False), (2, "gaussian", True)]
+)
+def test_plain_loop_equals_library_for_same_seed(k, likelihood, encode_observation):
+    srnn, guide, xs, mask = tiny_pair(k, likelihood, encode_observation)
+    assert guide.update_nets["slot0"].obs_dim == (88 if encode_observation else 0)
     update = guide.update_nets["slot0"]
     params = list(srnn.generative.parameters()) + list(update.parameters())
     elbo = AmortizedFilteringELBO(kl_weight=0.5)
@@ -87,13 +90,12 @@ def test_plain_loop_rejects_bad_input():
     update = plain.UpdateNetwork(4, hidden=8)
     with pytest.raises(ValueError, match="num_iterations"):
         plain.avf_loss(srnn, update, torch.zeros(2, 3, 88), None, 0)
-    with pytest.raises(ValueError, match="Bernoulli"):
-        plain.avf_loss(SRNN.music(likelihood="gaussian", d_dim=8, a_dim=8, hidden_dim=8), update, torch.zeros(2, 3, 88))
 
 
-def test_speed_reports_medians_and_ratios():
+@pytest.mark.parametrize("config", ["music", "speech"])
+def test_speed_reports_medians_and_ratios(config):
     out = speed.main(["--reps", "2", "--warmup", "1", "--batch-size", "2", "--crop-length", "3", "--hidden-size",
-                      "16", "--model-size", "16"])  # fmt: skip
+                      "16", "--model-size", "16", "--config", config])  # fmt: skip
     assert set(out["median_seconds"]) == {"library_avf_k1", "library_avf_k5", "baseline", "plain_avf_k1",
                                           "plain_avf_k5"}  # fmt: skip
     assert all(0 < s < 10 for s in out["median_seconds"].values())
@@ -101,6 +103,15 @@ def test_speed_reports_medians_and_ratios():
     assert all(0 < r["q25"] <= r["median"] <= r["q75"] for r in out["ratios"].values())
     assert out["reps"] == 2
     assert pyro.get_param_store().keys() == set()  # every method kept its parameters in its own scope
+
+
+def test_speech_timing_setting_uses_speech_sizes_and_observation_encoding():
+    methods = speed.build_methods(hidden_size=8, model_size=8, config="speech")
+    xs, mask = speed.speech_frames(3, 5)
+    assert xs.shape == (3, 5, 200) and bool(mask.all())
+    guide = methods["library_avf_k1"].loss_fn.objective.guide
+    assert guide.encode_observation and guide.update_nets["slot0"].obs_dim == 200
+    assert guide.update_nets["slot0"].dim == 256  # SRNN.speech's z_dim
 
 
 def test_memory_measures_avf_in_a_fresh_process_and_the_baseline_guide():

@@ -115,7 +115,7 @@ class Terms:
     @property
     def loss(self) -> torch.Tensor:
         """The scaled, β-weighted sum over sites and elements (what the ELBO differentiates)."""
-        return self._zeros() if self._loss is None else self._loss
+        return torch.zeros(()) if self._loss is None else self._loss
 
     @property
     def reconstruction(self) -> torch.Tensor:

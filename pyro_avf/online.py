@@ -73,7 +73,8 @@ class FilterStep(NamedTuple):
 
     ``posterior``: latent site name → :math:`q_{\\lambda_K}(z_t)`; ``free_energy``, ``kl``,
     ``reconstruction``: this step's terms per stream, shape ``(batch,)``; ``predictive``: observation site
-    name → k-step-ahead predictive (``None`` when the filter was built with ``predict_steps=0``).
+    name → k-step-ahead predictive (``None`` when the filter was built with ``predict_steps=0``);
+    ``observed``: per stream, whether the step observed anything unmasked.
     """
 
     t: int
@@ -82,6 +83,7 @@ class FilterStep(NamedTuple):
     kl: torch.Tensor
     reconstruction: torch.Tensor
     predictive: Optional[Dict[str, dist.Distribution]]
+    observed: Optional[torch.Tensor] = None
 
 
 @contextlib.contextmanager
@@ -230,6 +232,7 @@ class OnlineFilter:
             kl=terms["kl"],
             reconstruction=terms["reconstruction"],
             predictive=self.predict(self.predict_steps) if self.predict_steps else None,
+            observed=terms["observed"],
         )
 
     def predict(self, k: int, num_samples: Optional[int] = None) -> Dict[str, dist.Distribution]:

@@ -20,7 +20,9 @@ Inference (``--inference``):
 - ``autonormal``: refused with an explanation (see :func:`check_args`).
 
 Evaluation: whole test songs; the number reported is the test free energy per step (nats),
-:math:`\\sum_{n,t} m_{n,t} \\mathcal{F}_{n,t} / \\sum m`, from :func:`pyro_avf.evaluation.filtering_free_energy`.
+:math:`\\sum_{n,t} m_{n,t} \\mathcal{F}_{n,t} / \\sum m`. SRNN with AVF or EM is filtered one step at a time
+(:class:`~pyro_avf.online.OnlineFilter` over :class:`~pyro_avf.models.srnn.SRNNStream`: memory flat in the
+song's length); the other combinations use :func:`pyro_avf.evaluation.filtering_free_energy`.
 
 ``--out-dir`` (default ``runs/<model>_<dataset>_<inference>``) receives ``checkpoint.pt`` (after every epoch:
 state dicts, optimizer and scheduler state, epoch, RNG states, all plain tensors and containers for
@@ -73,8 +75,9 @@ from pyro_avf.elbo import AmortizedFilteringELBO
 from pyro_avf.evaluation import filtering_free_energy
 from pyro_avf.guide import IterativeGuide
 from pyro_avf.models.dmm import DMM
-from pyro_avf.models.srnn import SRNN
+from pyro_avf.models.srnn import SRNN, SRNNStream
 from pyro_avf.models.vrnn import VRNN
+from pyro_avf.online import OnlineFilter
 
 log = logging.getLogger("pyro_avf.train")
 
@@ -375,7 +378,22 @@ def structure(args: argparse.Namespace) -> dict:
 # Evaluation and figures
 
 
-def evaluate(model: Callable, guide: Callable, batches: Sequence[Tuple[Tensor, Tensor]], dist: Dist, seed: int) -> dict:
+def streamed_free_energy(srnn: SRNN, guide: IterativeGuide, xs: Tensor, mask: Tensor) -> Tuple[float, float]:
+    """Sum of :math:`m_{n,t}\\mathcal{F}_{n,t}` and of :math:`m_{n,t}` over a batch of padded songs, filtered one
+    step at a time: nothing but the filter's current state is kept, so memory does not grow with the length."""
+    f = OnlineFilter(SRNNStream(srnn), guide)
+    f.init(batch_size=xs.size(0))
+    total = steps = 0.0
+    for t in range(xs.size(1)):
+        out = f.step(xs[:, t], mask[:, t])
+        m = out.observed & mask[:, t]
+        total += (out.free_energy * m).sum().item()
+        steps += m.sum().item()
+    return total, steps
+
+
+def evaluate(model: nn.Module, guide: Callable, batches: Sequence[Tuple[Tensor, Tensor]], dist: Dist, seed: int
+             ) -> dict:  # fmt: skip
     """Total free energy and number of real steps over the test batches (this rank's share, then summed)."""
     total = steps = 0.0
     if isinstance(guide, IterativeGuide):
@@ -384,17 +402,21 @@ def evaluate(model: Callable, guide: Callable, batches: Sequence[Tuple[Tensor, T
         torch.manual_seed(seed)
         shard = batches[dist.rank :: dist.world]
         for xs, mask in tqdm(shard, desc="test songs", leave=False, disable=not dist.main or None):
-            out = filtering_free_energy(model, guide, xs, mask)
-            m = out["observed"] & mask
-            total += (out["free_energy"] * m).sum().item()
-            steps += m.sum().item()
+            if isinstance(model, SRNN) and isinstance(guide, IterativeGuide):
+                batch_total, batch_steps = streamed_free_energy(model, guide, xs, mask)
+            else:
+                out = filtering_free_energy(model.model, guide, xs, mask)
+                m = out["observed"] & mask
+                batch_total, batch_steps = (out["free_energy"] * m).sum().item(), m.sum().item()
+            total += batch_total
+            steps += batch_steps
     total, steps = dist.sum(total, steps)
     return {"free_energy_per_step": total / max(steps, 1.0), "steps": int(steps)}
 
 
 def validate(run: Run, dist: Dist, seed: int, epoch: int) -> None:
     """Score the validation songs; when they improve on the best so far, save the parameters to ``best.pt``."""
-    result = evaluate(run.model.model, run.guide, run.valid, dist, seed)
+    result = evaluate(run.model, run.guide, run.valid, dist, seed)
     log.info("epoch %d: validation free energy %.4f nats/step", epoch, result["free_energy_per_step"])
     if result["free_energy_per_step"] < run.best_valid:
         run.best_valid, run.best_epoch = result["free_energy_per_step"], epoch
@@ -411,7 +433,7 @@ def test_selected(run: Run, dist: Dist, seed: int) -> dict:
     best = torch.load(run.out_dir / BEST, weights_only=True)
     run.net.load_state_dict(best["net"])
     try:
-        result = evaluate(run.model.model, run.guide, run.test, dist, seed)
+        result = evaluate(run.model, run.guide, run.test, dist, seed)
     finally:
         run.net.load_state_dict(current)
     log.info("testing the parameters of epoch %d (best validation free energy %.4f)", best["epoch"], run.best_valid)
@@ -640,7 +662,7 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict:
             validate(run, dist, args.seed, done)
         if done % args.eval_every == 0 or last:
             result = test_selected(run, dist, args.seed) if args.valid_every and last else (
-                evaluate(run.model.model, run.guide, run.test, dist, args.seed))  # fmt: skip
+                evaluate(run.model, run.guide, run.test, dist, args.seed))  # fmt: skip
             row = {
                 "model": args.model, "dataset": args.dataset, "inference": args.inference,
                 "iterations": args.iterations if args.inference != "baseline" else 0, "epoch": done,

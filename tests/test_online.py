@@ -166,3 +166,25 @@ def test_srnn_stream_matches_the_batch_pass_and_predicts():
     predictive = f.predict(2)["x_42"]
     assert predictive.batch_shape == (3,) and predictive.event_shape == (88,)
     assert ((predictive.mean >= 0) & (predictive.mean <= 1)).all()
+
+
+def test_cli_evaluation_streams_padded_songs_like_the_batch_pass():
+    from pyro_avf.models.srnn import SRNN
+    from pyro_avf.train import streamed_free_energy
+
+    srnn = SRNN.music(d_dim=12, a_dim=12, hidden_dim=12, z_dim=4)
+    guide = IterativeGuide(srnn.model, num_iterations=2, hidden_size=16)
+    xs = (torch.rand(3, 30, 88) < 0.1).float()
+    mask = torch.ones(3, 30, dtype=torch.bool)
+    mask[1, 18:] = False  # a shorter song, padded
+    mask[2, 25:] = False
+    xs[~mask] = 0.0
+    filtering_free_energy(srnn.model, guide, xs[:, :2])  # creates the update networks
+    pyro.set_rng_seed(3)
+    batch = filtering_free_energy(srnn.model, guide, xs, mask)
+    pyro.set_rng_seed(3)
+    total, steps = streamed_free_energy(srnn, guide, xs, mask)
+    assert steps == mask.sum().item() == 30 + 18 + 25
+    expected = (batch["free_energy"] * (batch["observed"] & mask)).sum().item()
+    assert total == pytest.approx(expected, rel=1e-4)
+    assert total > 0 and guide.online is False  # the filter restores the guide's training mode

@@ -167,11 +167,13 @@ class SRNNStream:
         state["h"] = torch.zeros(batch_size, rnn.num_layers, rnn.hidden_size)
         state["c"] = torch.zeros(batch_size, rnn.num_layers, rnn.hidden_size)
 
-    def step(self, state: dict, x_t: Optional[Tensor]) -> None:
-        """Advance by one step with observation ``x_t`` (B, x_dim), or simulate it when ``x_t`` is None."""
+    def step(self, state: dict, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> None:
+        """Advance by one step with observation ``x_t`` (B, x_dim), or simulate it when ``x_t`` is None.
+        ``mask_t`` (B,) bool masks the step's sites of streams that have ended (padding)."""
         batch = state["z"].size(0)
         if x_t is not None:
-            check_inputs(x_t.unsqueeze(1), None, self.srnn.x_dim, self.srnn.likelihood)
+            check_inputs(x_t.unsqueeze(1), None if mask_t is None else mask_t.unsqueeze(1), self.srnn.x_dim,
+                         self.srnn.likelihood)  # fmt: skip
             if x_t.size(0) != batch:
                 raise ValueError(f"x_t must have shape ({batch}, {self.srnn.x_dim}), got {tuple(x_t.shape)}")
         hc = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
@@ -181,8 +183,8 @@ class SRNNStream:
         t = state["t"]
         with pyro.plate("sequences", batch):
             if x_t is None:
-                trace = poutine.trace(self.srnn.step).get_trace(t, state["z"], d[:, 0], None)
+                trace = poutine.trace(self.srnn.step).get_trace(t, state["z"], d[:, 0], None, mask_t)
                 state["z"], x_t = trace.nodes["_RETURN"]["value"], trace.nodes[f"x_{t}"]["value"]
             else:
-                state["z"] = self.srnn.step(t, state["z"], d[:, 0], x_t)
+                state["z"] = self.srnn.step(t, state["z"], d[:, 0], x_t, mask_t)
         state["x_prev"] = x_t

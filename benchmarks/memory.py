@@ -5,8 +5,10 @@ SRNN music sizes, untrained weights. Guides: ``IterativeGuide`` (K=5, online eva
 model's parameters frozen (``requires_grad=False``: separates what the model's own autograd graph costs, e.g.
 the LSTM over the whole sequence, from what the guide keeps), the same guide streaming the song one step at a
 time through :class:`~pyro_avf.online.OnlineFilter` with :class:`~pyro_avf.models.srnn.SRNNStream` (the
-deterministic LSTM advanced step by step instead of over the whole song up front), and SRNN's baseline
-filtering guide.
+deterministic LSTM advanced step by step instead of over the whole song up front), SRNN's baseline
+filtering guide (traced over the whole song, model replayed), and that guide streamed step by step
+(``baseline_streaming``: :func:`pyro_avf.train.streamed_baseline_free_energy`, what the training command's
+evaluation runs).
 
 Each (guide, T) runs in a fresh subprocess: after a 5-step warm-up (lazy update networks, first-call
 allocations) the process's peak resident set is reset (``/proc/self/clear_refs``), the evaluation runs, and the
@@ -33,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GUIDES = ("avf_k5", "avf_k5_frozen_model", "avf_k5_streaming", "baseline")
+GUIDES = ("avf_k5", "avf_k5_frozen_model", "avf_k5_streaming", "baseline", "baseline_streaming")
 
 
 def _status_kb(field: str) -> int:
@@ -61,6 +63,7 @@ def child(guide_name: str, steps: int, hidden_size: int, model_size=None) -> Dic
     from pyro_avf.guide import IterativeGuide
     from pyro_avf.models.srnn import SRNN, SRNNStream
     from pyro_avf.online import OnlineFilter
+    from pyro_avf.train import streamed_baseline_free_energy
 
     if guide_name not in GUIDES:
         raise ValueError(f"unknown guide {guide_name!r}; known: {GUIDES}")
@@ -68,7 +71,7 @@ def child(guide_name: str, steps: int, hidden_size: int, model_size=None) -> Dic
     torch.manual_seed(0)
     srnn = SRNN.music(**({} if model_size is None else {"d_dim": model_size, "a_dim": model_size,
                                                          "hidden_dim": model_size}))  # fmt: skip
-    if guide_name == "baseline":
+    if guide_name.startswith("baseline"):
         guide = srnn.guide
     else:
         guide = IterativeGuide(srnn.model, num_iterations=5, hidden_size=hidden_size)
@@ -87,6 +90,9 @@ def child(guide_name: str, steps: int, hidden_size: int, model_size=None) -> Dic
     if guide_name == "avf_k5_streaming":
         stream.init(batch_size=1)
         total = sum(stream.step(xs[:, t]).free_energy.sum().item() for t in range(steps))
+        out = {"free_energy": torch.tensor([[total / steps]]), "observed": torch.ones(1, 1, dtype=torch.bool)}
+    elif guide_name == "baseline_streaming":  # what pyro_avf.train's evaluation runs for SRNN's own filter
+        total, _ = streamed_baseline_free_energy(srnn, xs, mask)
         out = {"free_energy": torch.tensor([[total / steps]]), "observed": torch.ones(1, 1, dtype=torch.bool)}
     else:
         out = filtering_free_energy(srnn.model, guide, xs, mask)

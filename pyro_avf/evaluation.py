@@ -16,7 +16,7 @@ The reported number is the paper's: total free energy over real steps divided by
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import torch
 from pyro import poutine
@@ -62,24 +62,33 @@ def _replayed(model: Callable, guide: Callable, args, kwargs) -> Dict[str, torch
         tagger = StepTagger()
         with tagger:
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-        terms = [Terms(ctx.batch_shape) for ctx in tagger.contexts]
-        for name, site in model_trace.nodes.items():
-            t = site["infer"].get("avf_step") if site["type"] == "sample" else None
-            if t is None:
-                continue
-            if site["is_observed"]:
-                terms[t].add_observation(site["fn"], site["value"], site["mask"], site["scale"])
-            else:
-                q = guide_trace.nodes[name]["fn"]
-                params = normal_parameters(q)
-                q_params = None if params is None else (params[0], params[1].log())
-                terms[t].add_latent(q, site["fn"], site["value"], site["mask"], site["scale"], q_params)
+        terms = score_replayed(model_trace, guide_trace, tagger.contexts)
     return {
         "free_energy": stack_terms([t.free_energy for t in terms]),
         "kl": stack_terms([t.kl for t in terms]),
         "reconstruction": stack_terms([t.reconstruction for t in terms]),
         "observed": stack_terms([t.observed for t in terms]),
     }
+
+
+def score_replayed(model_trace, guide_trace, contexts: List[StepContext]) -> List[Terms]:
+    """The step free energy terms of a model trace replayed against a guide trace, one :class:`Terms` per
+    marked step (sites tagged by :class:`StepTagger`): :math:`-\\log p(x_t \\mid \\cdot)` of the observed sites
+    and, for the latent sites, the analytic KL when guide and prior are both Normal, else
+    :math:`\\log q(z) - \\log p(z)` at the guide's sample."""
+    terms = [Terms(ctx.batch_shape) for ctx in contexts]
+    for name, site in model_trace.nodes.items():
+        t = site["infer"].get("avf_step") if site["type"] == "sample" else None
+        if t is None:
+            continue
+        if site["is_observed"]:
+            terms[t].add_observation(site["fn"], site["value"], site["mask"], site["scale"])
+        else:
+            q = guide_trace.nodes[name]["fn"]
+            params = normal_parameters(q)
+            q_params = None if params is None else (params[0], params[1].log())
+            terms[t].add_latent(q, site["fn"], site["value"], site["mask"], site["scale"], q_params)
+    return terms
 
 
 def filtering_free_energy(model: Callable, guide: Callable, *args, **kwargs) -> Dict[str, torch.Tensor]:

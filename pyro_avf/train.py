@@ -20,9 +20,10 @@ Inference (``--inference``):
 - ``autonormal``: refused with an explanation (see :func:`check_args`).
 
 Evaluation: whole test songs; the number reported is the test free energy per step (nats),
-:math:`\\sum_{n,t} m_{n,t} \\mathcal{F}_{n,t} / \\sum m`. SRNN with AVF or EM is filtered one step at a time
-(:class:`~pyro_avf.online.OnlineFilter` over :class:`~pyro_avf.models.srnn.SRNNStream`: memory flat in the
-song's length); the other combinations use :func:`pyro_avf.evaluation.filtering_free_energy`.
+:math:`\\sum_{n,t} m_{n,t} \\mathcal{F}_{n,t} / \\sum m`. SRNN is filtered one step at a time, with AVF or EM
+through :class:`~pyro_avf.online.OnlineFilter` over :class:`~pyro_avf.models.srnn.SRNNStream` and with its own
+filter step by step too, so memory stays flat in the song's length; VRNN and DMM use
+:func:`pyro_avf.evaluation.filtering_free_energy`.
 
 ``--out-dir`` (default ``runs/<model>_<dataset>_<inference>``) receives ``checkpoint.pt`` (after every epoch:
 state dicts, optimizer and scheduler state, epoch, RNG states, all plain tensors and containers for
@@ -72,7 +73,7 @@ from data_loaders.files import default_data_dir
 from data_loaders.polyphonic import POLYPHONIC_DATASETS, RandomCropDataset, collate_sequences, load_polyphonic
 from pyro_avf import plots
 from pyro_avf.elbo import AmortizedFilteringELBO
-from pyro_avf.evaluation import filtering_free_energy
+from pyro_avf.evaluation import filtering_free_energy, score_replayed
 from pyro_avf.guide import IterativeGuide
 from pyro_avf.models.dmm import DMM
 from pyro_avf.models.srnn import SRNN, SRNNStream
@@ -392,6 +393,23 @@ def streamed_free_energy(srnn: SRNN, guide: IterativeGuide, xs: Tensor, mask: Te
     return total, steps
 
 
+def streamed_baseline_free_energy(srnn: SRNN, xs: Tensor, mask: Tensor) -> Tuple[float, float]:
+    """:func:`streamed_free_energy` for SRNN's own filter: each step's guide is traced, the model step replayed
+    against it and scored (:func:`pyro_avf.evaluation.score_replayed`), then both traces are dropped."""
+    stream = SRNNStream(srnn)
+    state: dict = {}
+    stream.init(state, batch_size=xs.size(0))
+    total = steps = 0.0
+    with torch.no_grad():
+        for t in range(xs.size(1)):
+            guide_trace, model_trace, ctx = stream.baseline_traces(state, xs[:, t], mask[:, t])
+            (terms,) = score_replayed(model_trace, guide_trace, [ctx])
+            m = terms.observed & mask[:, t]
+            total += (terms.free_energy * m).sum().item()
+            steps += m.sum().item()
+    return total, steps
+
+
 def evaluate(model: nn.Module, guide: Callable, batches: Sequence[Tuple[Tensor, Tensor]], dist: Dist, seed: int
              ) -> dict:  # fmt: skip
     """Total free energy and number of real steps over the test batches (this rank's share, then summed)."""
@@ -404,6 +422,8 @@ def evaluate(model: nn.Module, guide: Callable, batches: Sequence[Tuple[Tensor, 
         for xs, mask in tqdm(shard, desc="test songs", leave=False, disable=not dist.main or None):
             if isinstance(model, SRNN) and isinstance(guide, IterativeGuide):
                 batch_total, batch_steps = streamed_free_energy(model, guide, xs, mask)
+            elif isinstance(model, SRNN) and guide == model.guide:
+                batch_total, batch_steps = streamed_baseline_free_energy(model, xs, mask)
             else:
                 out = filtering_free_energy(model.model, guide, xs, mask)
                 m = out["observed"] & mask

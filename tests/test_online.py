@@ -188,3 +188,21 @@ def test_cli_evaluation_streams_padded_songs_like_the_batch_pass():
     expected = (batch["free_energy"] * (batch["observed"] & mask)).sum().item()
     assert total == pytest.approx(expected, rel=1e-4)
     assert total > 0 and guide.online is False  # the filter restores the guide's training mode
+
+
+def test_cli_evaluation_streams_srnns_own_filter_like_the_replayed_pass():
+    from pyro_avf.models.srnn import SRNN
+    from pyro_avf.train import streamed_baseline_free_energy
+
+    srnn = SRNN.music(d_dim=12, a_dim=12, hidden_dim=12, z_dim=4)
+    xs = (torch.rand(3, 30, 88) < 0.1).float()
+    mask = torch.ones(3, 30, dtype=torch.bool)
+    mask[0, 12:] = False
+    xs[~mask] = 0.0
+    pyro.set_rng_seed(4)
+    batch = filtering_free_energy(srnn.model, srnn.guide, xs, mask)
+    pyro.set_rng_seed(4)
+    total, steps = streamed_baseline_free_energy(srnn, xs, mask)
+    assert steps == mask.sum().item() == 12 + 30 + 30
+    expected = (batch["free_energy"] * (batch["observed"] & mask)).sum().item()
+    assert total == pytest.approx(expected, rel=1e-4)

@@ -27,6 +27,7 @@ import torch
 from pyro import poutine
 from torch import Tensor, nn
 
+from pyro_avf.evaluation import StepTagger
 from pyro_avf.models._layers import (
     ClippedLeakyReLU,
     check_inputs,
@@ -130,11 +131,17 @@ class SRNN(nn.Module):
         z = xs.new_zeros(xs.size(0), self.z_dim)
         with pyro.plate("sequences", xs.size(0)):
             for t in pyro.markov(range(1, xs.size(1) + 1)):
-                loc_p, _ = gen.prior(torch.cat([z, d[:, t - 1]], dim=-1))
-                delta, scale = inf.q_net(torch.cat([z, a[:, t - 1]], dim=-1))
-                with mask_context(None if mask is None else mask[:, t - 1]):
-                    z = pyro.sample(f"z_{t}", dist.Normal(loc_p + delta, scale).to_event(1))
+                z = self.guide_step(t, z, d[:, t - 1], a[:, t - 1], None if mask is None else mask[:, t - 1])
         return z
+
+    def guide_step(self, t: int, z_prev: Tensor, d_t: Tensor, a_t: Tensor, mask_t: Optional[Tensor] = None) -> Tensor:
+        """One step of the filtering guide:
+        :math:`z_t \\sim \\mathcal{N}(\\mu_p(z_{t-1}, d_t) + \\Delta, \\sigma_q)` with
+        :math:`(\\Delta, \\sigma_q) = \\mathrm{MLP}(z_{t-1}, a_t)`. Returns z_t (B, z_dim)."""
+        loc_p, _ = self.generative.prior(torch.cat([z_prev, d_t], dim=-1))
+        delta, scale = self.inference.q_net(torch.cat([z_prev, a_t], dim=-1))
+        with mask_context(mask_t):
+            return pyro.sample(f"z_{t}", dist.Normal(loc_p + delta, scale).to_event(1))
 
 
 class SRNNStream:
@@ -167,6 +174,30 @@ class SRNNStream:
         state["h"] = torch.zeros(batch_size, rnn.num_layers, rnn.hidden_size)
         state["c"] = torch.zeros(batch_size, rnn.num_layers, rnn.hidden_size)
 
+    def advance(self, state: dict) -> Tensor:
+        """Advance the deterministic layer by one step: :math:`d_t = \\mathrm{LSTM}(d_{t-1}, x_{t-1})`."""
+        hc = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
+        d, (h, c) = self.srnn.generative.rnn(state["x_prev"].unsqueeze(1), hc)
+        state["h"], state["c"] = h.transpose(0, 1), c.transpose(0, 1)
+        state["t"] += 1
+        return d[:, 0]
+
+    def baseline_traces(self, state: dict, x_t: Tensor, mask_t: Optional[Tensor] = None):
+        """One step of SRNN's own filter and of the model replayed against it (for streamed evaluation of the
+        baseline): returns the guide's and the model's trace of step t and the step's
+        :class:`~pyro_avf.free_energy.StepContext`, for :func:`pyro_avf.evaluation.score_replayed`."""
+        d_t = self.advance(state)
+        t, batch = state["t"], x_t.size(0)
+        a_t = self.srnn.inference.a_net(torch.cat([d_t, x_t], dim=-1))
+        tagger = StepTagger()  # outside the plate, so the step's context includes it
+        with tagger, pyro.plate("sequences", batch):
+            guide_trace = poutine.trace(self.srnn.guide_step).get_trace(t, state["z"], d_t, a_t, mask_t)
+            model_trace = poutine.trace(poutine.replay(self.srnn.step, trace=guide_trace)).get_trace(
+                t, state["z"], d_t, x_t, mask_t
+            )
+        state["z"], state["x_prev"] = guide_trace.nodes["_RETURN"]["value"], x_t
+        return guide_trace, model_trace, tagger.contexts[0]
+
     def step(self, state: dict, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> None:
         """Advance by one step with observation ``x_t`` (B, x_dim), or simulate it when ``x_t`` is None.
         ``mask_t`` (B,) bool masks the step's sites of streams that have ended (padding)."""
@@ -176,15 +207,12 @@ class SRNNStream:
                          self.srnn.likelihood)  # fmt: skip
             if x_t.size(0) != batch:
                 raise ValueError(f"x_t must have shape ({batch}, {self.srnn.x_dim}), got {tuple(x_t.shape)}")
-        hc = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
-        d, (h, c) = self.srnn.generative.rnn(state["x_prev"].unsqueeze(1), hc)
-        state["h"], state["c"] = h.transpose(0, 1), c.transpose(0, 1)
-        state["t"] += 1
+        d_t = self.advance(state)
         t = state["t"]
         with pyro.plate("sequences", batch):
             if x_t is None:
-                trace = poutine.trace(self.srnn.step).get_trace(t, state["z"], d[:, 0], None, mask_t)
+                trace = poutine.trace(self.srnn.step).get_trace(t, state["z"], d_t, None, mask_t)
                 state["z"], x_t = trace.nodes["_RETURN"]["value"], trace.nodes[f"x_{t}"]["value"]
             else:
-                state["z"] = self.srnn.step(t, state["z"], d[:, 0], x_t, mask_t)
+                state["z"] = self.srnn.step(t, state["z"], d_t, x_t, mask_t)
         state["x_prev"] = x_t

@@ -244,7 +244,6 @@ class IterativeGuide(GuideMessenger, nn.Module):
         self._slots: Dict[int, tuple] = {}
         self._static: Optional[bool] = None
         self._local_return: Optional[bool] = None  # see _return_is_local
-        self._net_ids: Optional[set] = None  # ids of the update networks' parameters (never frozen)
         self._active: Optional[_ActiveStep] = None
         self._t = 0
 
@@ -491,10 +490,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
         # the re-runs only need gradients with respect to λ: detach the step's inputs and freeze the model's
         # parameters, so no graph is built towards θ or the past
         args, kwargs = _detached((args, kwargs))
-        if self._net_ids is None:
-            self._net_ids = {id(p) for p in self.update_nets.parameters()}
-        params = pyro.get_param_store()._params.values()
-        frozen = [p for p in params if p.requires_grad and id(p) not in self._net_ids]
+        nets = {id(p) for p in self.update_nets.parameters()}
+        frozen = [p for p in pyro.get_param_store()._params.values() if p.requires_grad and id(p) not in nets]
         for p in frozen:
             p.requires_grad_(False)
         try:
@@ -581,7 +578,6 @@ class IterativeGuide(GuideMessenger, nn.Module):
         if key not in self.update_nets:
             net = UpdateNetwork(dim, self.update, self.encoding, error_dim, obs_dim, self.hidden_size, self.lr)
             self.update_nets[key] = net
-            self._net_ids = None
             pyro.module(f"avf_update_{key}", net)
         net = self.update_nets[key]
         if (net.dim, net.error_dim, net.obs_dim) != (dim, error_dim, obs_dim):

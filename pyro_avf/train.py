@@ -379,6 +379,12 @@ def structure(args: argparse.Namespace) -> dict:
 # Evaluation and figures
 
 
+def masked_total(free_energy: Tensor, observed: Tensor, mask: Tensor) -> Tuple[float, float]:
+    """:math:`\\sum m\\,\\mathcal{F}` and :math:`\\sum m` with :math:`m` = observed and not padding."""
+    m = observed & mask
+    return (free_energy * m).sum().item(), m.sum().item()
+
+
 def streamed_free_energy(srnn: SRNN, guide: IterativeGuide, xs: Tensor, mask: Tensor) -> Tuple[float, float]:
     """Sum of :math:`m_{n,t}\\mathcal{F}_{n,t}` and of :math:`m_{n,t}` over a batch of padded songs, filtered one
     step at a time: nothing but the filter's current state is kept, so memory does not grow with the length."""
@@ -387,9 +393,8 @@ def streamed_free_energy(srnn: SRNN, guide: IterativeGuide, xs: Tensor, mask: Te
     total = steps = 0.0
     for t in range(xs.size(1)):
         out = f.step(xs[:, t], mask[:, t])
-        m = out.observed & mask[:, t]
-        total += (out.free_energy * m).sum().item()
-        steps += m.sum().item()
+        step_total, step_count = masked_total(out.free_energy, out.observed, mask[:, t])
+        total, steps = total + step_total, steps + step_count
     return total, steps
 
 
@@ -404,9 +409,8 @@ def streamed_baseline_free_energy(srnn: SRNN, xs: Tensor, mask: Tensor) -> Tuple
         for t in range(xs.size(1)):
             guide_trace, model_trace, ctx = stream.baseline_traces(state, xs[:, t], mask[:, t])
             (terms,) = score_replayed(model_trace, guide_trace, [ctx])
-            m = terms.observed & mask[:, t]
-            total += (terms.free_energy * m).sum().item()
-            steps += m.sum().item()
+            step_total, step_count = masked_total(terms.free_energy, terms.observed, mask[:, t])
+            total, steps = total + step_total, steps + step_count
     return total, steps
 
 
@@ -426,8 +430,7 @@ def evaluate(model: nn.Module, guide: Callable, batches: Sequence[Tuple[Tensor, 
                 batch_total, batch_steps = streamed_baseline_free_energy(model, xs, mask)
             else:
                 out = filtering_free_energy(model.model, guide, xs, mask)
-                m = out["observed"] & mask
-                batch_total, batch_steps = (out["free_energy"] * m).sum().item(), m.sum().item()
+                batch_total, batch_steps = masked_total(out["free_energy"], out["observed"], mask)
             total += batch_total
             steps += batch_steps
     total, steps = dist.sum(total, steps)

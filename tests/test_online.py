@@ -206,3 +206,18 @@ def test_cli_evaluation_streams_srnns_own_filter_like_the_replayed_pass():
     assert steps == mask.sum().item() == 12 + 30 + 30
     expected = (batch["free_energy"] * (batch["observed"] & mask)).sum().item()
     assert total == pytest.approx(expected, rel=1e-4)
+
+
+def test_streamed_baseline_refuses_bad_observations():
+    from pyro_avf.models.srnn import SRNN, SRNNStream
+
+    stream = SRNNStream(SRNN.music(d_dim=8, a_dim=8, hidden_dim=8, z_dim=4))
+    state: dict = {}
+    stream.init(state, batch_size=2)
+    with pytest.raises(ValueError, match="x_t must have shape"):
+        stream.baseline_traces(state, torch.zeros(3, 88))
+    bad = torch.zeros(2, 88)
+    bad[0, 5] = float("nan")
+    with pytest.raises(ValueError):
+        stream.baseline_traces(state, bad)
+    assert state["t"] == 0  # nothing advanced on refused input

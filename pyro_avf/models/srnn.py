@@ -174,6 +174,14 @@ class SRNNStream:
         state["h"] = torch.zeros(batch_size, rnn.num_layers, rnn.hidden_size)
         state["c"] = torch.zeros(batch_size, rnn.num_layers, rnn.hidden_size)
 
+    def _check_observation(self, state: dict, x_t: Tensor, mask_t: Optional[Tensor]) -> None:
+        """``x_t`` (B, x_dim) of the streams' batch size, finite and in the likelihood's support; ``mask_t`` (B,)."""
+        check_inputs(x_t.unsqueeze(1), None if mask_t is None else mask_t.unsqueeze(1), self.srnn.x_dim,
+                     self.srnn.likelihood)  # fmt: skip
+        batch = state["z"].size(0)
+        if x_t.size(0) != batch:
+            raise ValueError(f"x_t must have shape ({batch}, {self.srnn.x_dim}), got {tuple(x_t.shape)}")
+
     def advance(self, state: dict) -> Tensor:
         """Advance the deterministic layer by one step: :math:`d_t = \\mathrm{LSTM}(d_{t-1}, x_{t-1})`."""
         hc = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
@@ -186,6 +194,7 @@ class SRNNStream:
         """One step of SRNN's own filter and of the model replayed against it (for streamed evaluation of the
         baseline): returns the guide's and the model's trace of step t and the step's
         :class:`~pyro_avf.free_energy.StepContext`, for :func:`pyro_avf.evaluation.score_replayed`."""
+        self._check_observation(state, x_t, mask_t)
         d_t = self.advance(state)
         t, batch = state["t"], x_t.size(0)
         a_t = self.srnn.inference.a_net(torch.cat([d_t, x_t], dim=-1))
@@ -203,10 +212,7 @@ class SRNNStream:
         ``mask_t`` (B,) bool masks the step's sites of streams that have ended (padding)."""
         batch = state["z"].size(0)
         if x_t is not None:
-            check_inputs(x_t.unsqueeze(1), None if mask_t is None else mask_t.unsqueeze(1), self.srnn.x_dim,
-                         self.srnn.likelihood)  # fmt: skip
-            if x_t.size(0) != batch:
-                raise ValueError(f"x_t must have shape ({batch}, {self.srnn.x_dim}), got {tuple(x_t.shape)}")
+            self._check_observation(state, x_t, mask_t)
         d_t = self.advance(state)
         t = state["t"]
         with pyro.plate("sequences", batch):

@@ -20,12 +20,12 @@ from typing import Dict
 import torch
 from pyro.infer.elbo import ELBO
 
-from pyro_avf.free_energy import Terms, stack_terms
+from pyro_avf.free_energy import Terms, score_site, stack_terms
 from pyro_avf.guide import IterativeGuide
 
 
 class AmortizedFilteringELBO(ELBO):
-    """The ELBO for :class:`~pyro_avf.IterativeGuide`.
+    r"""The ELBO for :class:`~pyro_avf.IterativeGuide`.
 
     :param int num_particles: independent guide passes averaged per step.
     :param float kl_weight: β multiplying every KL term (KL annealing: set it each epoch, e.g.
@@ -38,12 +38,15 @@ class AmortizedFilteringELBO(ELBO):
     the flattened outer plates of the step), ``observed`` ``(batch, time)`` (whether a step observed anything
     unmasked) and ``step_executions`` (executions of step functions in the pass).
 
-    Example::
+    Example (``model`` as in :func:`~pyro_avf.filtering_step`)::
 
-        elbo = AmortizedFilteringELBO()
-        svi = SVI(model, IterativeGuide(model), pyro.optim.Adam({"lr": 1e-3}), loss=elbo)
-        svi.step(xs)
-        elbo.diagnostics["free_energy"].mean((0, 1))  # average free energy per inference iteration
+        >>> import pyro, torch
+        >>> from pyro_avf.step import examples_model as model
+        >>> elbo = AmortizedFilteringELBO()
+        >>> svi = pyro.infer.SVI(model, IterativeGuide(model, 3, hidden_size=8), pyro.optim.Adam({"lr": 1e-3}), elbo)
+        >>> loss = svi.step(torch.randn(4, 6, 2))
+        >>> elbo.diagnostics["free_energy"].shape  # (sequences, time, K + 1): per step and inference iteration
+        torch.Size([4, 6, 4])
     """
 
     def __init__(
@@ -72,32 +75,25 @@ class AmortizedFilteringELBO(ELBO):
         return guide
 
     def _pass(self, model, guide: IterativeGuide, args, kwargs) -> torch.Tensor:
-        guide.kl_weight = self.kl_weight
-        guide.local_update_gradients = True
-        try:
-            if self.vectorize_particles and self.num_particles > 1:
-                self._vectorized_num_particles(guide)(*args, **kwargs)
-            else:
-                guide(*args, **kwargs)
-        finally:
-            guide.local_update_gradients = False
-        record = guide.last_pass
+        def one_pass(*args, **kwargs):
+            return guide.run(args, kwargs, kl_weight=self.kl_weight, local_gradients=True)
+
+        if self.vectorize_particles and self.num_particles > 1:
+            record = self._vectorized_num_particles(one_pass)(*args, **kwargs)
+        else:
+            record = one_pass(*args, **kwargs)
         model_trace, _ = guide.get_traces()
         step_terms = [r.final_terms for r in record.steps]  # scored by the guide after each step
-        other = Terms(torch.Size(), self.kl_weight)
+        other = Terms(torch.Size(), self.kl_weight)  # sites outside any step
         for site in model_trace.nodes.values():
-            if site["type"] != "sample" or site["infer"].get("_deterministic"):
+            infer = site["infer"]
+            if site["type"] != "sample" or infer.get("_deterministic") or infer.get("avf_step") is not None:
                 continue
-            if site["infer"].get("avf_step") is not None:
-                continue
-            if site["is_observed"]:
-                other.add_observation(site["fn"], site["value"], site["mask"], site["scale"])
-            else:
-                q = _guide_fn(guide, site["name"])
-                other.add_latent(q, site["fn"], site["value"], site["mask"], site["scale"], site["infer"]["avf_lambda"])
-        loss = other.loss + sum(t.loss for t in step_terms) + record.final_surrogate
-        if self.train_all_iterations:
-            loss = loss + record.surrogate
+            score_site(other, site, site["fn"], guide.trace.nodes[site["name"]]["fn"], site["infer"].get("avf_lambda"))
+        loss = sum((t.loss for t in step_terms), other.loss)
+        for surrogate in (record.final_surrogate, record.surrogate if self.train_all_iterations else None):
+            if surrogate is not None:
+                loss = loss + surrogate
         self._record_diagnostics(record, step_terms)
         return loss
 
@@ -140,10 +136,6 @@ class AmortizedFilteringELBO(ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         return loss.item()
-
-
-def _guide_fn(guide: IterativeGuide, name: str):
-    return guide.trace.nodes[name]["fn"]
 
 
 def _stack(per_step) -> torch.Tensor:

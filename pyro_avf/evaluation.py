@@ -22,9 +22,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
-from pyro_avf.free_energy import StepContext, Terms, stack_terms
+from pyro_avf.free_energy import StepContext, Terms, score_site, stack_terms
 from pyro_avf.guide import IterativeGuide
-from pyro_avf.online import inference_only
 from pyro_avf.posterior import normal_parameters
 
 
@@ -51,9 +50,7 @@ class StepTagger(Messenger):
 
 
 def _iterative(guide: IterativeGuide, args, kwargs) -> Dict[str, torch.Tensor]:
-    with inference_only(guide):
-        guide(*args, **kwargs)
-    return guide.last_pass.online.stacked()
+    return guide.run(args, kwargs, online=True).online.stacked()
 
 
 def _replayed(model: Callable, guide: Callable, args, kwargs) -> Dict[str, torch.Tensor]:
@@ -81,13 +78,9 @@ def score_replayed(model_trace, guide_trace, contexts: List[StepContext]) -> Lis
         t = site["infer"].get("avf_step") if site["type"] == "sample" else None
         if t is None:
             continue
-        if site["is_observed"]:
-            terms[t].add_observation(site["fn"], site["value"], site["mask"], site["scale"])
-        else:
-            q = guide_trace.nodes[name]["fn"]
-            params = normal_parameters(q)
-            q_params = None if params is None else (params[0], params[1].log())
-            terms[t].add_latent(q, site["fn"], site["value"], site["mask"], site["scale"], q_params)
+        q = None if site["is_observed"] else guide_trace.nodes[name]["fn"]
+        params = None if q is None else normal_parameters(q)
+        score_site(terms[t], site, site["fn"], q, None if params is None else (params[0], params[1].log()))
     return terms
 
 
@@ -102,9 +95,15 @@ def filtering_free_energy(model: Callable, guide: Callable, *args, **kwargs) -> 
         out = filtering_free_energy(srnn.model, guide, xs, mask)
         per_step = (out["free_energy"] * out["observed"]).sum() / out["observed"].sum()
     """
-    if isinstance(guide, IterativeGuide):
-        return _iterative(guide, args, kwargs)
-    return _replayed(model, guide, args, kwargs)
+    iterative = isinstance(guide, IterativeGuide)
+    out = _iterative(guide, args, kwargs) if iterative else _replayed(model, guide, args, kwargs)
+    if out["free_energy"].numel() == 0 or not out["observed"].any():
+        raise ValueError(
+            "pyro_avf: nothing was observed in these data: the model ran no time step with an unmasked "
+            f"observation (free energy of shape {tuple(out['free_energy'].shape)}; an empty time dimension?), so "
+            "there is no free energy per step to report."
+        )
+    return out
 
 
 def mean_free_energy_per_step(out: Dict[str, torch.Tensor]) -> float:

@@ -17,7 +17,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from pyro_avf.posterior import kl_or_log_ratio
+from pyro_avf.posterior import batch_mask, kl_or_log_ratio
 
 
 class StepContext(NamedTuple):
@@ -82,10 +82,13 @@ class Terms:
         self._reconstruction: Optional[torch.Tensor] = None
         self._kl: Optional[torch.Tensor] = None
         self._seen: List[Tuple[torch.Size, object]] = []  # (shape, mask) of each observation
+        self._like: Optional[torch.Tensor] = None  # dtype and device of the terms (those of the first site)
 
-    def _first_site(self, batch_shape: torch.Size) -> None:
+    def _first_site(self, batch_shape: torch.Size, like: torch.Tensor) -> None:
         if self.batch_shape is None:
             self.batch_shape = batch_shape
+        if self._like is None:
+            self._like = like
 
     def _add_loss(self, x: torch.Tensor, scale, weight: float = 1.0) -> None:
         if not _is_one(scale):
@@ -94,28 +97,32 @@ class Terms:
         total = x.sum()
         self._loss = _accumulate(self._loss, total if weight == 1.0 else weight * total)
 
-    def add_observation(self, fn, value: torch.Tensor, mask, scale) -> None:
-        """:math:`-\\log p(x)` of an observed site."""
-        self._first_site(fn.batch_shape)
+    def add_observation(self, fn, value: torch.Tensor, mask, scale, name: str = "?") -> None:
+        """:math:`-\\log p(x)` of an observed site (its distribution's own masks included)."""
+        check_observation_shape(name, fn, value)
         nll = apply_mask(-fn.log_prob(value), mask)
+        self._first_site(fn.batch_shape, nll)
         self._reconstruction = _accumulate(self._reconstruction, reduce_to(nll, self.batch_shape))
         self._add_loss(nll, scale)
-        self._seen.append((nll.shape, mask))
+        self._seen.append((nll.shape, combine_masks(mask, batch_mask(fn))))
 
     def add_latent(self, q, prior, value: torch.Tensor, mask, scale, q_params=None) -> None:
         """:math:`D_{KL}(q \\| p)` (analytic when both are Normal) or :math:`\\log q(z) - \\log p(z)`."""
-        self._first_site(prior.batch_shape)
         kl = apply_mask(kl_or_log_ratio(q, prior, value, q_params), mask)
+        self._first_site(prior.batch_shape, kl)
         self._kl = _accumulate(self._kl, reduce_to(kl, self.batch_shape))
         self._add_loss(kl, scale, self.kl_weight)
 
     def _zeros(self, dtype=None) -> torch.Tensor:
-        return torch.zeros(self.batch_shape or torch.Size(), dtype=dtype)
+        shape = self.batch_shape or torch.Size()
+        if self._like is None:
+            return torch.zeros(shape, dtype=dtype)
+        return self._like.new_zeros(shape, dtype=dtype)
 
     @property
     def loss(self) -> torch.Tensor:
         """The scaled, β-weighted sum over sites and elements (what the ELBO differentiates)."""
-        return torch.zeros(()) if self._loss is None else self._loss
+        return self._zeros().sum() if self._loss is None else self._loss
 
     @property
     def reconstruction(self) -> torch.Tensor:
@@ -132,7 +139,7 @@ class Terms:
         """Per element: whether any observation of the step was unmasked."""
         observed = self._zeros(torch.bool)
         for shape, mask in self._seen:
-            seen = apply_mask(torch.ones(shape, dtype=torch.bool), mask)
+            seen = apply_mask(observed.new_ones(shape), mask)
             observed = observed | reduce_to(seen.to(torch.int64), self.batch_shape).bool()
         return observed
 
@@ -152,3 +159,46 @@ def _is_one(scale) -> bool:
 def stack_terms(per_step: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack per-step tensors of equal batch shape into ``(batch, time)`` (batch flattened)."""
     return torch.stack([t.reshape(-1) for t in per_step], 1)
+
+
+def combine_masks(outer, inner):
+    """Logical and of two optional masks."""
+    if outer is None:
+        return inner
+    if inner is None:
+        return outer
+    return outer & inner
+
+
+def check_observation_shape(name: str, fn, value) -> None:
+    """Refuse observed data whose shape does not fit its distribution, naming the site and both shapes
+    (Pyro's own check is off during inference re-runs, and the bare broadcasting error names neither)."""
+    if not isinstance(value, torch.Tensor):
+        return
+    expected = fn.batch_shape + fn.event_shape
+    try:
+        torch.broadcast_shapes(value.shape, expected)
+        fits = not fn.event_shape or value.shape[value.dim() - len(fn.event_shape) :] == fn.event_shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"pyro_avf: observed site '{name}' has data of shape {tuple(value.shape)}, but its distribution "
+            f"{type(fn).__name__} has shape {tuple(expected)} (batch {tuple(fn.batch_shape)}, event "
+            f"{tuple(fn.event_shape)}); the data must broadcast to it and end with the event shape."
+        )
+
+
+def score_site(terms: Terms, site: dict, prior=None, q=None, q_params=None) -> None:
+    r"""Add one sample site (a Pyro message or trace node) to the step free energy ``terms``.
+
+    Observed: :math:`-\log p(x)`. Latent, given its ``prior`` and the guide's ``q``: the analytic
+    :math:`D_{KL}(q \| p)` where both are Normal in the same unconstrained space (``q_params`` is its
+    ``(loc, log_scale)``), else :math:`\log q(z) - \log p(z)` at the site's value. Every mask form counts:
+    the site's ``mask`` (``poutine.mask``) and masks inside its distributions (``.mask``,
+    ``MaskedDistribution``); masked elements add exactly 0. The site's ``scale`` multiplies the loss.
+    """
+    if site["is_observed"]:
+        terms.add_observation(site["fn"], site["value"], site["mask"], site["scale"], site["name"])
+    else:
+        terms.add_latent(q, prior, site["value"], site["mask"], site["scale"], q_params)

@@ -51,11 +51,9 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -63,9 +61,9 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.utils._pytree import tree_map
 
-from pyro_avf.guide import IterativeGuide, PassRecord
+from pyro_avf.guide import IterativeGuide
+from pyro_avf.inference import Lambda
 from pyro_avf.posterior import posterior
-from pyro_avf.step_run import Lambda
 
 
 class FilterStep(NamedTuple):
@@ -84,29 +82,6 @@ class FilterStep(NamedTuple):
     reconstruction: torch.Tensor
     predictive: Optional[Dict[str, dist.Distribution]]
     observed: Optional[torch.Tensor] = None
-
-
-@contextlib.contextmanager
-def inference_only(guide: IterativeGuide) -> Iterator[None]:
-    """Run ``guide`` in online mode at KL weight 1 with every model and guide parameter frozen.
-
-    Only λ needs gradients during filtering, so freezing the parameters keeps any graph from reaching
-    across steps. Everything is restored on exit.
-    """
-    online, kl_weight = guide.online, guide.kl_weight
-    guide.online, guide.kl_weight = True, 1.0  # the true free energy, whatever annealing training used
-    frozen = [p for p in pyro.get_param_store()._params.values() if p.requires_grad]
-    frozen += [p for p in guide.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not registered in the param store because requires_grad")
-            yield
-    finally:
-        guide.online, guide.kl_weight = online, kl_weight
-        for p in frozen:
-            p.requires_grad_(True)
 
 
 class _DrawLatents(Messenger):
@@ -159,7 +134,7 @@ def predictive_mixture(fn: dist.Distribution, batch: int, times: int) -> dist.Mi
     grouped = split_streams(fn, batch, times)
     ndims = len(fn.batch_shape) - 1  # batch dims after the stream dimension become the mixture's event
     component = dist.Independent(grouped, ndims) if ndims else grouped
-    weights = dist.Categorical(logits=torch.zeros(batch, times))
+    weights = dist.Categorical(logits=grouped.mean.new_zeros(batch, times))  # the data's dtype and device
     return dist.MixtureSameFamily(weights, component)
 
 
@@ -209,22 +184,20 @@ class OnlineFilter:
         if self.state is None:
             raise RuntimeError("OnlineFilter.step() called before init()")
         before = dict(self.state)
-        guide = self.guide
-        guide.last_pass, guide._active, guide._t = PassRecord(), None, self.t
-        with inference_only(guide), guide:
-            self.model.step(self.state, *args, **kwargs)
-        calls = guide.last_pass.online.count
+        record = self.guide.run(args, kwargs, fn=lambda *a, **k: self.model.step(self.state, *a, **k), online=True,
+                                first_step=self.t)  # fmt: skip
+        calls = record.online.count
         if calls != 1:
             raise RuntimeError(
                 f"pyro_avf: model.step() must call a @pyro_avf.filtering_step function exactly once, it called "
                 f"{calls}."
             )
         self.state = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, self.state)
-        run = guide.last_online_run
+        run = record.last_run
         lambdas = [rec.lam for rec in run.latents]
         self._last = (before, args, kwargs, lambdas)
         self.t += 1
-        terms = guide.last_pass.online.last()
+        terms = record.online.last()
         return FilterStep(
             t=self.t,
             posterior={rec.name: posterior(rec.lam[0], rec.lam[1], rec.prior) for rec in run.latents},

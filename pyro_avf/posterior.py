@@ -18,19 +18,60 @@ from typing import Optional, Tuple
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from torch.distributions import biject_to
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 
 NUM_MOMENT_SAMPLES = 256
 
 
+def _layers(d: dist.Distribution):
+    """The wrappers of ``d`` from the outside in, ending with the base distribution."""
+    while True:
+        yield d
+        if isinstance(d, (torch.distributions.Independent, MaskedDistribution, ExpandedDistribution)):
+            d = d.base_dist
+        else:
+            return
+
+
 def unwrap(d: dist.Distribution) -> Tuple[dist.Distribution, int]:
-    """Strip ``Independent`` wrappers; return the base distribution and the number of reinterpreted dims."""
+    """Strip ``Independent``, ``MaskedDistribution`` and ``ExpandedDistribution`` wrappers (every form of
+    ``.to_event``, ``.mask`` and ``.expand``); return the base distribution and the number of reinterpreted dims."""
     reinterpreted = 0
-    while isinstance(d, torch.distributions.Independent):
-        reinterpreted += d.reinterpreted_batch_ndims
-        d = d.base_dist
-    return d, reinterpreted
+    for layer in _layers(d):
+        if isinstance(layer, torch.distributions.Independent):
+            reinterpreted += layer.reinterpreted_batch_ndims
+    return layer, reinterpreted
+
+
+def coordinate_mask(d: dist.Distribution) -> Optional[torch.Tensor]:
+    r"""The masks of every ``MaskedDistribution`` inside ``d``, joined with logical and, as one boolean tensor
+    that broadcasts against ``d.batch_shape + d.event_shape`` (None when nothing is masked).
+
+    A mask of a wrapper with event dim :math:`e` masks whole events, so it gains :math:`e` trailing singleton
+    dims; masks broadcast from the right, so ``.expand`` around a masked distribution keeps them aligned.
+    """
+    mask = None
+    for layer in _layers(d):
+        if isinstance(layer, MaskedDistribution):
+            m = layer._mask
+            if m is True or (isinstance(m, torch.Tensor) and m.dim() == 0 and bool(m)):
+                continue
+            m = torch.as_tensor(m, dtype=torch.bool)
+            m = m.reshape(m.shape + (1,) * layer.event_dim)
+            mask = m if mask is None else mask & m
+    return mask
+
+
+def batch_mask(d: dist.Distribution) -> Optional[torch.Tensor]:
+    """:func:`coordinate_mask` reduced to ``d.batch_shape``: an element counts while any coordinate of its
+    event is unmasked."""
+    mask = coordinate_mask(d)
+    if mask is None:
+        return None
+    mask = mask.expand(torch.broadcast_shapes(mask.shape, d.batch_shape + d.event_shape))
+    return mask.flatten(-d.event_dim).any(-1) if d.event_dim else mask
 
 
 def _is_identity(t: Transform) -> bool:
@@ -77,12 +118,46 @@ def unconstrained_moments(prior: dist.Distribution) -> Tuple[torch.Tensor, torch
 
 
 def posterior(loc: torch.Tensor, log_scale: torch.Tensor, prior: dist.Distribution) -> dist.Distribution:
-    """The guide's distribution for a site: ``Normal(loc, exp(log_scale))`` mapped onto the prior's support."""
+    r"""The guide's distribution for a site: :math:`T_\# \mathcal{N}(\mu, \sigma)` on the prior's support.
+
+    A masked prior (``.mask``, ``MaskedDistribution``, at any depth) gives a posterior with the same mask, so
+    :math:`\log q(z)` of a masked element is 0 exactly as :math:`\log p(z)` is.
+
+    Example::
+
+        >>> q = posterior(torch.zeros(3), torch.zeros(3), dist.LogNormal(torch.zeros(3), 1.0))
+        >>> bool((q.sample() > 0).all())
+        True
+    """
     transform = biject_to(prior.support)
-    base = dist.Normal(loc, log_scale.exp()).to_event(unconstrained_event_dim(prior))
-    if _is_identity(transform):
-        return base
-    return dist.TransformedDistribution(base, transform)
+    event_dim = unconstrained_event_dim(prior)
+    mask = coordinate_mask(prior)
+    if mask is None:
+        base = dist.Normal(loc, log_scale.exp()).to_event(event_dim)
+        return base if _is_identity(transform) else dist.TransformedDistribution(base, transform)
+    elementwise = _elementwise(transform)
+    if elementwise is not None:  # mask each coordinate, then form the event
+        q = dist.Normal(loc, log_scale.exp())
+        if not _is_identity(elementwise):
+            q = dist.TransformedDistribution(q, elementwise)
+        return q.mask(mask).to_event(event_dim)
+    # a transform that changes the event's shape (e.g. onto the simplex): masks must cover whole events
+    full = mask.expand(torch.broadcast_shapes(mask.shape, prior.batch_shape + prior.event_shape))
+    events = full.flatten(-prior.event_dim) if prior.event_dim else full.unsqueeze(-1)
+    if not torch.equal(events.all(-1), events.any(-1)):
+        raise NotImplementedError(
+            f"pyro_avf: a mask inside the event of a {type(unwrap(prior)[0]).__name__} prior with support "
+            f"{prior.support} is not supported; mask whole events (the batch dims) instead."
+        )
+    base = dist.Normal(loc, log_scale.exp()).to_event(event_dim)
+    return dist.TransformedDistribution(base, transform).mask(events.all(-1))
+
+
+def _elementwise(transform: Transform) -> Optional[Transform]:
+    """The element-wise transform inside ``IndependentTransform`` wrappers, or None if it acts on events."""
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return transform if transform.domain.event_dim == 0 and transform.codomain.event_dim == 0 else None
 
 
 def kl_or_log_ratio(q: dist.Distribution, prior: dist.Distribution, value: torch.Tensor, q_params=None) -> torch.Tensor:
@@ -92,7 +167,8 @@ def kl_or_log_ratio(q: dist.Distribution, prior: dist.Distribution, value: torch
     With diagonal Normals,
     :math:`D_{KL} = \\sum_i \\log\\frac{\\sigma_{p,i}}{\\sigma_{q,i}}
     + \\frac{\\sigma_{q,i}^2 + (\\mu_{q,i} - \\mu_{p,i})^2}{2\\sigma_{p,i}^2} - \\frac12`,
-    summed over the site's event dims. ``q_params`` is ``(loc, log_scale)`` of ``q``.
+    summed over the site's event dims (masked coordinates of a masked prior give 0). ``q_params`` is
+    ``(loc, log_scale)`` of ``q``.
     """
     p_params = normal_parameters(prior)
     if p_params is not None and q_params is not None:
@@ -100,6 +176,9 @@ def kl_or_log_ratio(q: dist.Distribution, prior: dist.Distribution, value: torch
         p_loc, p_scale = p_params
         var_ratio = (2 * q_log_scale).exp() / p_scale.pow(2)
         kl = 0.5 * (var_ratio + (q_loc - p_loc).pow(2) / p_scale.pow(2) - 1 - var_ratio.log())
+        mask = coordinate_mask(prior)
+        if mask is not None:
+            kl = torch.where(mask, kl, kl.new_zeros(()))
         if prior.event_dim:
             kl = kl.sum(tuple(range(-prior.event_dim, 0)))
         return kl

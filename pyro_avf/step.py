@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 from typing import Callable, TypeVar
 
+import pyro
+import pyro.distributions as dist
 from pyro.poutine.runtime import Message, am_i_wrapped, apply_stack
 
 STEP_TYPE = "filtering_step"
@@ -20,7 +22,7 @@ _F = TypeVar("_F", bound=Callable)
 
 
 def filtering_step(fn: _F) -> _F:
-    """Mark ``fn`` as the function that advances a model by one time step.
+    r"""Mark ``fn`` as the function that advances a model by one time step.
 
     The step may take any arguments and return whatever the next step needs. All its
     latent sample sites form the step's latent *slots* (matched across steps by their
@@ -29,22 +31,24 @@ def filtering_step(fn: _F) -> _F:
 
     .. math::
 
-        \\mathcal{F}_t = -\\mathbb{E}_{q(z_t)}\\left[\\log p_\\theta(x_t \\mid x_{<t}, z_{\\le t})\\right]
-            + D_{KL}\\left(q(z_t) \\,\\|\\, p_\\theta(z_t \\mid x_{<t}, z_{<t})\\right).
+        \mathcal{F}_t = -\mathbb{E}_{q(z_t)}\left[\log p_\theta(x_t \mid x_{<t}, z_{\le t})\right]
+            + D_{KL}\left(q(z_t) \,\|\, p_\theta(z_t \mid x_{<t}, z_{<t})\right).
 
-    Example::
+    Example (``examples_model`` below is reused by the other docstring examples)::
 
-        @pyro_avf.filtering_step
-        def step(t, z_prev, x_t):
-            z = pyro.sample(f"z_{t}", dist.Normal(0.9 * z_prev, 1.0).to_event(1))
-            pyro.sample(f"x_{t}", dist.Normal(z, 0.5).to_event(1), obs=x_t)
-            return z
-
-        def model(xs):
-            z = torch.zeros(xs.size(0), 2)
-            with pyro.plate("sequences", xs.size(0)):
-                for t in pyro.markov(range(xs.size(1))):
-                    z = step(t, z, xs[:, t])
+        >>> import pyro, pyro.distributions as dist, torch, pyro_avf
+        >>> @pyro_avf.filtering_step
+        ... def step(t, z_prev, x_t):
+        ...     z = pyro.sample(f"z_{t}", dist.Normal(0.9 * z_prev, 1.0).to_event(1))
+        ...     pyro.sample(f"x_{t}", dist.Normal(z, 0.5).to_event(1), obs=x_t)
+        ...     return z
+        >>> def model(xs):
+        ...     z = torch.zeros(xs.size(0), 2)
+        ...     with pyro.plate("sequences", xs.size(0)):
+        ...         for t in pyro.markov(range(xs.size(1))):
+        ...             z = step(t, z, xs[:, t])
+        >>> step(0, torch.zeros(2), torch.zeros(2)).shape  # with no handler the step simply runs
+        torch.Size([2])
 
     Unlike :func:`pyro.poutine.runtime.effectful`, every keyword argument (``name``,
     ``obs`` and ``infer`` included) is passed through to ``fn`` unchanged.
@@ -82,3 +86,19 @@ def filtering_step(fn: _F) -> _F:
 def is_filtering_step(fn: Callable) -> bool:
     """Whether ``fn`` was marked with :func:`filtering_step`."""
     return bool(getattr(fn, "_is_filtering_step", False))
+
+
+def examples_model(xs):
+    """The model of the docstring examples: a 2-d random walk observed in noise, ``xs`` of shape
+    ``(sequences, time, 2)``."""
+    z = xs.new_zeros(xs.size(0), 2)
+    with pyro.plate("sequences", xs.size(0)):
+        for t in pyro.markov(range(xs.size(1))):
+            z = _examples_step(t, z, xs[:, t])
+
+
+@filtering_step
+def _examples_step(t, z_prev, x_t):
+    z = pyro.sample(f"z_{t}", dist.Normal(0.9 * z_prev, 1.0).to_event(1))
+    pyro.sample(f"x_{t}", dist.Normal(z, 0.5).to_event(1), obs=x_t)
+    return z

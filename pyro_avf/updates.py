@@ -1,39 +1,45 @@
-"""Inference updates λ ← f(λ, ∇λ F): learned (amortized) networks and plain optimisers.
+r"""Inference updates :math:`\lambda_{k+1} = f(\lambda_k, \nabla_\lambda \mathcal{F}_t)`, behind one protocol.
 
-The approximate posterior of one latent slot has parameters :math:`\\lambda = (\\mu, \\log\\sigma)`, each
-shaped ``batch + (D,)``. An update maps the current estimate and the free-energy signal to a new estimate.
+The approximate posterior of a step has parameters :math:`\lambda = (\mu_i, \log\sigma_i)_i`, one pair per latent
+slot ``i``, each shaped ``batch + (D_i,)``. An *update rule* has two methods:
+
+- ``start(lambdas) -> state``: fresh per-step state (optimiser moments; ``None`` for learned rules);
+- ``rule(state, k, lambdas, grads, run) -> lambdas``: iteration ``k``'s new estimate, given the gradients of
+  the step free energy and the re-run ``run`` (an :class:`~pyro_avf.inference.StepRun`, for the encodings).
+
+Rules with learned parameters (:class:`LearnedUpdate`) are *amortized*; the others are the non-amortized
+variational filtering EM of AVF Algorithm 1.
 
 * :class:`UpdateNetwork` — iterative amortized inference (Marino et al., 2018; AVF Eq. 13). Each input term
-  is normalised separately (layer normalisation over the D features, plus its log-RMS so that scale is not
-  lost), passed through a two-layer highway MLP with ELU units, and turned into
+  (per slot) is normalised separately (layer normalisation over its features, plus its log-RMS so that scale
+  is not lost), passed through a two-layer highway MLP with ELU units, and turned into
 
-  - ``"highway"`` (gated output):
-    :math:`\\lambda \\leftarrow g \\odot \\lambda + (1 - g) \\odot \\Delta`;
+  - ``"highway"`` (gated output): :math:`\lambda \leftarrow g \odot \lambda + (1 - g) \odot \Delta`;
   - ``"residual"`` (gated residual, zero-initialised so that an untrained network keeps the prior):
-    :math:`\\lambda \\leftarrow \\lambda + (1 - g) \\odot \\Delta`;
-  - ``"learned_sgd"``: :math:`\\lambda \\leftarrow \\lambda - \\eta \\odot \\nabla_\\lambda F + \\Delta`,
-    with a learned positive per-dimension step :math:`\\eta`.
+    :math:`\lambda \leftarrow \lambda + (1 - g) \odot \Delta`;
+  - ``"learned_sgd"``: :math:`\lambda \leftarrow \lambda - \eta \odot \nabla_\lambda F + \Delta`, with a
+    learned positive step per dimension and state, :math:`\eta = \mathrm{softplus}(b + W h)` (W and Δ start
+    at 0: an untrained network is SGD with step ``init_lr``); no gate holds λ near its start.
 
-  *Gradient encoding* feeds :math:`(\\mu, \\log\\sigma, \\nabla_\\mu F, \\nabla_{\\log\\sigma} F)`;
-  *error encoding* (Gaussian models) feeds :math:`(\\mu, \\log\\sigma, \\varepsilon_z, \\varepsilon_x)` with
-  :math:`\\varepsilon_z = (z - \\mu_z)/\\sigma_z` the latent's prediction error under its prior and
-  :math:`\\varepsilon_x = (x - \\mu_x(z))/\\sigma_x` the observation's. The observation itself may be added.
   All inputs are detached: no second-order gradients.
-* :class:`SGDUpdate`, :class:`AdamUpdate` — non-amortized variational filtering EM (AVF Algorithm 1): a few
-  optimiser steps per time step, from the prior, with no learned parameters.
+* :class:`SGDUpdate`, :class:`AdamUpdate` — a few optimiser steps per time step, from the prior.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import pyro
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pyro_avf.encoders import Encoding
+
 Lambda = Tuple[torch.Tensor, torch.Tensor]
 FORMS = ("highway", "residual", "learned_sgd")
+NETWORKS = ("joint", "per_slot")
 LOG_SCALE_RANGE = (-9.0, 5.0)  # posterior scales kept in [1.2e-4, 148] so a wild update cannot underflow
 
 
@@ -53,7 +59,7 @@ class _Normalise(nn.Module):
 
 
 class HighwayMLP(nn.Module):
-    """Two ELU layers; the second is a highway layer :math:`h_2 = g \\odot \\mathrm{ELU}(W h_1) + (1-g) \\odot h_1`."""
+    r"""Two ELU layers; the second is a highway layer :math:`h_2 = g \odot \mathrm{ELU}(W h_1) + (1-g) \odot h_1`."""
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
@@ -68,19 +74,22 @@ class HighwayMLP(nn.Module):
 
 
 class UpdateNetwork(nn.Module):
-    """The learned update :math:`f_\\phi` of one latent slot (shared over time steps).
+    r"""The learned update :math:`f_\phi` of one latent slot, or of several slots together (shared over time).
 
-    :param int dim: flattened size D of the slot's unconstrained latent.
+    :param int dim: flattened size D of the unconstrained latent (the sum over slots for a joint network).
     :param str form: ``"highway"`` (gated), ``"residual"`` (gated residual) or ``"learned_sgd"``.
     :param str encoding: ``"gradient"`` or ``"error"``.
     :param int error_dim: size of the flattened observation error (error encoding only).
     :param int obs_dim: size of the flattened observation to encode as well (0: none).
     :param int hidden: units per hidden layer (the AVF paper used 1024).
+    :param slot_dims: the slots' sizes (summing to ``dim``): each slot's terms are normalised on their own.
 
     Example::
 
-        net = UpdateNetwork(dim=4)
-        loc, log_scale = net((loc, log_scale), grads=(g_loc, g_log_scale))
+        >>> net = UpdateNetwork(dim=4, hidden=8)
+        >>> loc, log_scale = net((torch.zeros(2, 4), torch.zeros(2, 4)), grads=(torch.ones(2, 4), torch.ones(2, 4)))
+        >>> loc.shape
+        torch.Size([2, 4])
     """
 
     def __init__(
@@ -92,6 +101,7 @@ class UpdateNetwork(nn.Module):
         obs_dim: int = 0,
         hidden: int = 256,
         init_lr: float = 0.1,
+        slot_dims: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         if form not in FORMS:
@@ -100,11 +110,15 @@ class UpdateNetwork(nn.Module):
             raise ValueError(f"encoding must be 'gradient' or 'error', got {encoding!r}")
         if form == "learned_sgd" and encoding != "gradient":
             raise ValueError("the 'learned_sgd' form needs gradient encoding")
+        self.slot_dims = list(slot_dims) if slot_dims is not None else [dim]
+        if sum(self.slot_dims) != dim:
+            raise ValueError(f"slot_dims {self.slot_dims} do not add up to dim {dim}")
         self.form, self.encoding = form, encoding
         self.dim, self.error_dim, self.obs_dim = dim, error_dim, obs_dim
-        term_dims = [dim, dim] + ([dim, dim] if encoding == "gradient" else [dim, error_dim])
-        if obs_dim:
-            term_dims.append(obs_dim)
+        per_slot = 4 if encoding == "gradient" else 3  # loc, log-scale, then 2 gradients or 1 latent error
+        term_dims = [d for _ in range(per_slot) for d in self.slot_dims]
+        term_dims += [error_dim] if encoding == "error" else []
+        term_dims += [obs_dim] if obs_dim else []
         self.norms = nn.ModuleList(_Normalise(d) for d in term_dims if d > 0)
         self.body = HighwayMLP(sum(n.out_dim for n in self.norms), hidden)
         self.delta = nn.Linear(hidden, 2 * dim)
@@ -119,6 +133,19 @@ class UpdateNetwork(nn.Module):
             nn.init.zeros_(self.delta.weight)
             nn.init.zeros_(self.delta.bias)
             self.raw_lr = nn.Parameter(torch.full((2 * dim,), math.log(math.expm1(init_lr))))
+            self.step_size = nn.Linear(hidden, 2 * dim, bias=False)  # per element and state, starts at 0
+            nn.init.zeros_(self.step_size.weight)
+
+        # the constructor's sizes, saved beside the weights so that a fresh guide can rebuild the network
+        spec = [dim, error_dim, obs_dim, hidden, FORMS.index(form), ("gradient", "error").index(encoding)]
+        self.register_buffer("spec", torch.tensor(spec + self.slot_dims))
+
+    @staticmethod
+    def from_spec(spec: torch.Tensor) -> "UpdateNetwork":
+        """The (untrained) network that the ``spec`` buffer of a saved one describes."""
+        dim, error_dim, obs_dim, hidden, form, encoding, *slot_dims = (int(v) for v in spec)
+        return UpdateNetwork(dim, FORMS[form], ("gradient", "error")[encoding], error_dim, obs_dim, hidden,
+                             slot_dims=slot_dims)  # fmt: skip
 
     def forward(
         self,
@@ -131,7 +158,9 @@ class UpdateNetwork(nn.Module):
         signal = grads if self.encoding == "gradient" else errors
         if signal is None:
             raise ValueError(f"{self.encoding} encoding needs its {self.encoding} inputs")
-        terms = [lam[0], lam[1], signal[0], signal[1]] + ([obs] if obs is not None else [])
+        slotted = [lam[0], lam[1], signal[0]] + ([signal[1]] if self.encoding == "gradient" else [])
+        terms = [part for term in slotted for part in term.split(self.slot_dims, -1)]
+        terms += ([signal[1]] if self.encoding == "error" else []) + ([obs] if obs is not None else [])
         terms = [t.detach() for t in terms if t is not None and t.size(-1) > 0]
         shape = torch.broadcast_shapes(*(t.shape[:-1] for t in terms))
         x = torch.cat([n(t.expand(shape + t.shape[-1:])) for n, t in zip(self.norms, terms)], -1)
@@ -144,37 +173,143 @@ class UpdateNetwork(nn.Module):
             new = lam_cat + (1 - torch.sigmoid(self.out_gate(h))) * delta
         else:
             grad_cat = torch.cat([grads[0], grads[1]], -1).detach()
-            new = lam_cat - F.softplus(self.raw_lr) * grad_cat + delta
+            new = lam_cat - F.softplus(self.raw_lr + self.step_size(h)) * grad_cat + delta
         loc, log_scale = new.chunk(2, -1)
         return loc, log_scale.clamp(*LOG_SCALE_RANGE)
 
 
+class UpdateNetworks(nn.ModuleDict):
+    """The update networks of a guide, keyed by the slots they update (``"slot0"``, ``"slot0_1"``, ...).
+
+    Networks are built when a step first shows the sizes they need. Each carries its sizes in a buffer
+    (``spec``), so ``load_state_dict`` on a fresh guide rebuilds them before loading the weights: no warm-up
+    call is needed.
+    """
+
+    def __init__(self, prefix: str = "avf_update_"):
+        super().__init__()
+        self.prefix = prefix  # of the networks' names in Pyro's param store
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name, value in state_dict.items():
+            key = name[len(prefix) :].rsplit(".", 1)
+            if name.startswith(prefix) and len(key) == 2 and key[1] == "spec" and key[0] not in self:
+                self[key[0]] = UpdateNetwork.from_spec(value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def register(self) -> None:
+        """Register every network with Pyro's param store (``pyro.module``). Values already in the store
+        under the same names take over, so ``ParamStoreDict.load`` restores a trained guide."""
+        for key, net in self.items():
+            name = f"{self.prefix}{key}"
+            store = pyro.get_param_store()
+            for pname, p in net.named_parameters():
+                full = f"{name}$$${pname}"
+                if full in store and store[full].shape != p.shape:
+                    raise ValueError(
+                        f"pyro_avf: the param store holds '{full}' of shape {tuple(store[full].shape)} but this "
+                        f"guide's network needs {tuple(p.shape)}: it belongs to another guide. Call "
+                        "pyro.clear_param_store() before building a guide for another model."
+                    )
+            pyro.module(name, net, update_module_params=True)
+
+
+class LearnedUpdate:
+    r"""The amortized update: learned networks over the step's slots (all together, or one per slot).
+
+    :param str form: ``"highway"``, ``"residual"`` or ``"learned_sgd"`` (see :class:`UpdateNetwork`).
+    :param encoding: an :class:`~pyro_avf.encoders.Encoding` (what the network sees besides λ).
+    :param str networks: ``"joint"`` (one network over all the step's posterior parameters and gradients,
+        as the AVF paper's inference model) or ``"per_slot"`` (one network per latent slot).
+    :param int hidden_size: units per hidden layer.
+    :param float lr: initial step of ``"learned_sgd"``.
+    """
+
+    amortized = True
+
+    def __init__(self, form: str, encoding: Encoding, networks: str = "joint", hidden_size: int = 256,
+                 lr: float = 0.1):  # fmt: skip
+        if form not in FORMS:
+            raise ValueError(f"update form must be one of {FORMS}, got {form!r}")
+        if networks not in NETWORKS:
+            raise ValueError(f"networks must be one of {NETWORKS}, got {networks!r}")
+        self.form, self.encoding, self.networks = form, encoding, networks
+        self.hidden_size, self.lr = hidden_size, lr
+        self.nets = UpdateNetworks()
+
+    def start(self, lambdas: List[Lambda]) -> None:
+        return None
+
+    def __call__(self, state, k: int, lambdas: List[Lambda], grads: List[Lambda], run) -> List[Lambda]:
+        groups = [[i] for i in range(len(lambdas))] if self.networks == "per_slot" else [list(range(len(lambdas)))]
+        out: List[Optional[Lambda]] = [None] * len(lambdas)
+        for group in groups:
+            inputs = self.encoding.inputs(run, group, lambdas, grads)
+            net = self._network("slot" + "_".join(map(str, group)), inputs)
+            loc, log_scale = net(inputs.lam, grads=inputs.grads, errors=inputs.errors, obs=inputs.obs)
+            for i, new in zip(group, inputs.unflatten(loc, log_scale)):
+                out[i] = new
+        return out  # type: ignore[return-value]
+
+    def _network(self, key: str, inputs) -> UpdateNetwork:
+        if key not in self.nets:
+            like = inputs.lam[0]
+            # a forked generator: building a network does not shift the caller's random stream, so a fresh
+            # guide restored from the param store draws the same samples as the guide it was saved from
+            with torch.random.fork_rng(devices=[like.device] if like.device.type == "cuda" else []):
+                net = UpdateNetwork(inputs.dim, self.form, self.encoding.signal, inputs.error_dim, inputs.obs_dim,
+                                    self.hidden_size, self.lr, inputs.slot_dims)  # fmt: skip
+            self.nets[key] = net.to(like)
+            self.nets.register()
+        net = self.nets[key]
+        sizes = (inputs.dim, inputs.error_dim, inputs.obs_dim)
+        if (net.dim, net.error_dim, net.obs_dim) != sizes:
+            raise ValueError(
+                f"pyro_avf: latent slots {key} need an update network for sizes (latent {sizes[0]}, errors "
+                f"{sizes[1]}, observation {sizes[2]}) but have one for ({net.dim}, {net.error_dim}, {net.obs_dim})."
+            )
+        return net
+
+
 class SGDUpdate:
-    """Plain gradient descent on λ: :math:`\\lambda_{k+1} = \\lambda_k - \\eta_k \\nabla_\\lambda F`,
-    with :math:`\\eta_k = \\eta / (1 + k)^{\\gamma}` (``decay`` γ; 0 keeps it constant)."""
+    r"""Plain gradient descent on λ: :math:`\lambda_{k+1} = \lambda_k - \eta_k \nabla_\lambda F`,
+    with :math:`\eta_k = \eta / (1 + k)^{\gamma}` (``decay`` γ; 0 keeps it constant).
+
+    Example::
+
+        >>> rule = SGDUpdate(lr=0.5)
+        >>> [(loc, _)] = rule(rule.start(None), 0, [(torch.ones(1), torch.zeros(1))], [(torch.ones(1), torch.zeros(1))])
+        >>> loc
+        tensor([0.5000])
+    """
+
+    amortized = False
 
     def __init__(self, lr: float, decay: float = 0.0):
         self.lr, self.decay = lr, decay
 
-    def start(self) -> Dict:
-        return {}
+    def start(self, lambdas) -> List[Dict]:
+        return [{} for _ in lambdas or [()]]
 
-    def __call__(self, state: Dict, k: int, lam: Lambda, grads: Lambda) -> Lambda:
+    def __call__(self, state: List[Dict], k: int, lambdas: List[Lambda], grads: List[Lambda], run=None) -> List[Lambda]:
+        return [self.step(s, k, lam, g) for s, lam, g in zip(state, lambdas, grads)]
+
+    def step(self, state: Dict, k: int, lam: Lambda, grads: Lambda) -> Lambda:
         lr = self.lr / (1 + k) ** self.decay
         loc, log_scale = (p.detach() - lr * g for p, g in zip(lam, grads))
         return loc, log_scale.clamp(*LOG_SCALE_RANGE)
 
 
 class AdamUpdate(SGDUpdate):
-    """Adam on λ with fresh moments at every time step (Kingma & Ba, 2015):
-    :math:`m \\leftarrow \\beta_1 m + (1-\\beta_1) g`, :math:`v \\leftarrow \\beta_2 v + (1-\\beta_2) g^2`,
-    :math:`\\lambda \\leftarrow \\lambda - \\eta_k \\hat m / (\\sqrt{\\hat v} + \\epsilon)`."""
+    r"""Adam on λ with fresh moments at every time step (Kingma & Ba, 2015):
+    :math:`m \leftarrow \beta_1 m + (1-\beta_1) g`, :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`,
+    :math:`\lambda \leftarrow \lambda - \eta_k \hat m / (\sqrt{\hat v} + \epsilon)`."""
 
     def __init__(self, lr: float, decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__(lr, decay)
         self.betas, self.eps = betas, eps
 
-    def __call__(self, state: Dict, k: int, lam: Lambda, grads: Lambda) -> Lambda:
+    def step(self, state: Dict, k: int, lam: Lambda, grads: Lambda) -> Lambda:
         b1, b2 = self.betas
         lr = self.lr / (1 + k) ** self.decay
         out: List[torch.Tensor] = []

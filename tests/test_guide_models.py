@@ -53,10 +53,33 @@ def test_stochastic_volatility(positive):
 def test_two_latents_per_step():
     m = TwoLevelSSM.random(seed=0)
     xs = m.sample(16, 8, seed=1)[0]
-    guide = IterativeGuide(m.model, num_iterations=3, hidden_size=32)
+    guide = IterativeGuide(m.model, num_iterations=3, hidden_size=32, networks="per_slot")
     losses, elbo = train(m.model, guide, (xs,), 40)
     check_trains_and_starts_at_prior(losses, elbo, iterations_help=(m.model, guide, (xs,)))
     assert set(guide.update_nets.keys()) == {"slot0", "slot1"}  # one network per slot, shared over time
+
+
+def test_one_joint_update_network_sees_all_slots_of_a_step():
+    m = TwoLevelSSM.random(seed=0)
+    xs = m.sample(16, 8, seed=1)[0]
+    guide = IterativeGuide(m.model, num_iterations=3, hidden_size=32)  # networks="joint" is the default
+    losses, elbo = train(m.model, guide, (xs,), 40)
+    check_trains_and_starts_at_prior(losses, elbo, iterations_help=(m.model, guide, (xs,)))
+    assert list(guide.update_nets) == ["slot0_1"]
+    assert guide.update_nets["slot0_1"].slot_dims == [m.z1_dim, m.z2_dim]
+
+
+def test_joint_and_per_slot_networks_agree_for_one_slot():
+    m = LinearGaussianSSM.random(latent_dim=3, obs_dim=4, seed=0)
+    xs, _ = m.sample(8, 5, seed=1)
+    losses = []
+    for networks in ("joint", "per_slot"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(2)
+        guide = IterativeGuide(m.model, num_iterations=2, hidden_size=16, networks=networks)
+        losses.append(AmortizedFilteringELBO().loss(m.model, guide, xs))
+        assert list(guide.update_nets) == ["slot0"]
+    assert losses[0] == losses[1]
 
 
 def test_bernoulli_observations_with_masked_variable_lengths():

@@ -1,0 +1,112 @@
+r"""What a learned update sees besides λ: gradients, prediction errors, observations.
+
+For the slots :math:`i \in G` that one update network serves, every term is flattened to ``batch + (-1,)``
+(``batch``: the slot's own batch dims for a single slot, the step's outer plates for several) and the slots'
+terms are joined along the last dim:
+
+- *gradient encoding* (Marino et al., 2018): :math:`(\mu_i, \log\sigma_i, \nabla_{\mu_i} \mathcal{F},
+  \nabla_{\log\sigma_i} \mathcal{F})_{i \in G}`;
+- *error encoding* (Gaussian models): :math:`(\mu_i, \log\sigma_i, \varepsilon_{z_i})_{i \in G}` and
+  :math:`\varepsilon_x`, with :math:`\varepsilon_z = (u - \mu_p)/\sigma_p` the latent's prediction error under its
+  prior (in the unconstrained space) and :math:`\varepsilon_x = (x - \mu_x)/\sigma_x` the observations';
+- *observation encoding* (added to either): the step's observed values :math:`x_t`.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from pyro_avf.posterior import unconstrained_event_dim
+
+Lambda = Tuple[torch.Tensor, torch.Tensor]
+SIGNALS = ("gradient", "error")
+
+
+class NetworkInputs(NamedTuple):
+    """The flattened inputs of one update network and how to give its output back its slots' shapes."""
+
+    lam: Lambda
+    grads: Lambda
+    errors: Optional[Lambda]
+    obs: Optional[torch.Tensor]
+    shapes: List[torch.Size]  # each slot's λ shape
+    slot_dims: List[int]
+
+    @property
+    def dim(self) -> int:
+        return sum(self.slot_dims)
+
+    @property
+    def error_dim(self) -> int:
+        return 0 if self.errors is None else self.errors[1].size(-1)
+
+    @property
+    def obs_dim(self) -> int:
+        return 0 if self.obs is None else self.obs.size(-1)
+
+    def unflatten(self, loc: torch.Tensor, log_scale: torch.Tensor) -> List[Lambda]:
+        """Split a network's output into the slots' ``(loc, log_scale)`` of their own shapes."""
+        pairs = zip(loc.split(self.slot_dims, -1), log_scale.split(self.slot_dims, -1))
+        return [(a.reshape(shape), b.reshape(shape)) for (a, b), shape in zip(pairs, self.shapes)]
+
+
+class Encoding:
+    """Gradient or error encoding, optionally with the observations.
+
+    :param str signal: ``"gradient"`` or ``"error"``.
+    :param bool observation: also feed the step's observed values.
+
+    Example::
+
+        >>> Encoding("error", observation=True)
+        Encoding('error', observation=True)
+    """
+
+    def __init__(self, signal: str = "gradient", observation: bool = False):
+        if signal not in SIGNALS:
+            raise ValueError(f"encoding must be 'gradient' or 'error', got {signal!r}")
+        self.signal, self.observation = signal, observation
+
+    def __repr__(self) -> str:
+        return f"Encoding({self.signal!r}, observation={self.observation})"
+
+    def inputs(self, run, group: Sequence[int], lambdas: List[Lambda], grads: List[Lambda]) -> NetworkInputs:
+        """The network inputs for slots ``group`` after the re-run ``run``."""
+        first = run.latents[group[0]]
+        if len(group) == 1:
+            shape = lambdas[group[0]][0].shape
+            batch = shape[: len(shape) - unconstrained_event_dim(first.prior)]
+        else:
+            batch = run.terms.batch_shape
+
+        def flat(x: torch.Tensor, i: int) -> torch.Tensor:
+            return flatten_to(x, batch, run.latents[i].name)
+
+        def joined(parts: List[torch.Tensor]) -> torch.Tensor:
+            return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+        locs = [flat(lambdas[i][0], i) for i in group]
+        lam = (joined(locs), joined([flat(lambdas[i][1], i) for i in group]))
+        g = (joined([flat(grads[i][0], i) for i in group]), joined([flat(grads[i][1], i) for i in group]))
+        errors = None
+        if self.signal == "error":
+            errors = (joined([flat(run.latent_errors(i), i) for i in group]), run.observation_errors(batch, lam[0]))
+        obs = run.observed_values(batch, lam[0]) if self.observation else None
+        return NetworkInputs(lam, g, errors, obs, [lambdas[i][0].shape for i in group], [x.size(-1) for x in locs])
+
+
+def flatten_to(x: torch.Tensor, batch_shape: torch.Size, name: str) -> torch.Tensor:
+    """Reshape ``x`` to ``batch_shape + (-1,)``, broadcasting its leading dims; error if they do not align."""
+    n = len(batch_shape)
+    try:
+        aligned = x.dim() >= n and torch.broadcast_shapes(x.shape[:n], batch_shape) == batch_shape
+    except RuntimeError:
+        aligned = False
+    if not aligned:
+        raise ValueError(
+            f"pyro_avf: cannot align site '{name}' of shape {tuple(x.shape)} with the latent batch shape "
+            f"{tuple(batch_shape)} for encoding; its leading dims must be the latent's batch dims."
+        )
+    return x.expand(batch_shape + x.shape[n:]).reshape(batch_shape + (-1,))

@@ -1,0 +1,351 @@
+r"""Inference at one time step: K iterations of re-running the step and updating its posterior.
+
+:class:`StepInference` takes one call of a :func:`~pyro_avf.filtering_step` (its function, arguments and the
+context of the handlers around it) and returns a :class:`StepResult`:
+
+1. iteration 0 runs the step with every latent slot drawn from its prior (the *prediction*) and sets
+   :math:`\lambda_0` to the prior's parameters in the unconstrained space;
+2. for :math:`k = 0, \dots, K-1`: draw :math:`z_t \sim q_{\lambda_k}`, re-run the step (:class:`StepRun`,
+   hidden from every trace), score the step free energy (AVF Eq. 9)
+
+   .. math::
+
+       \mathcal{F}_t(\lambda) = -\mathbb{E}_{q_\lambda}\left[\log p_\theta(x_t \mid x_{<t}, z_{\le t})\right]
+           + \beta\, D_{KL}\left(q_\lambda(z_t) \,\|\, p_\theta(z_t \mid x_{<t}, z_{<t})\right),
+
+   and update :math:`\lambda_{k+1} = f(\lambda_k, \nabla_\lambda \mathcal{F}_t)` with the guide's update rule;
+3. return :math:`\lambda_K` and, for a learned rule in training, the surrogate
+
+   .. math::
+
+       s_t = \sum_{0<k<K} \lambda_{t,k}(\phi)^\top \mathrm{sg}\left[\nabla_\lambda \mathcal{F}_t(\lambda_{t,k})\right]
+           - \mathrm{sg}[\cdot],
+
+   whose value is 0 and whose gradient trains the update networks φ on every intermediate iteration.
+
+The re-runs need gradients with respect to λ only: the step's inputs are detached and every parameter that
+is not trained by the surrogate is frozen (:func:`frozen_parameters`), whatever the caller's grad mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+import pyro
+import torch
+from pyro.poutine.broadcast_messenger import BroadcastMessenger
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to
+from torch.utils._pytree import tree_map
+
+from pyro_avf.encoders import flatten_to
+from pyro_avf.free_energy import StepContext, Terms, combine_masks, score_site
+from pyro_avf.posterior import (
+    check_continuous_latent,
+    normal_parameters,
+    posterior,
+    unconstrained_event_dim,
+    unconstrained_moments,
+    unwrap,
+)
+
+Lambda = Tuple[torch.Tensor, torch.Tensor]
+
+
+def detached(tree):
+    """``tree`` with every tensor detached."""
+    return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, tree)
+
+
+@contextlib.contextmanager
+def frozen_parameters(keep: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter in Pyro's param store except those in ``keep``, and
+    restore them on exit (also on error). ``pyro.module`` warnings about the frozen parameters are silenced.
+
+    Example::
+
+        >>> with frozen_parameters():
+        ...     pass
+    """
+    kept = {id(p) for p in keep}
+    frozen = [p for p in pyro.get_param_store()._params.values() if p.requires_grad and id(p) not in kept]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not registered in the param store because requires_grad")
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def check_finite_observation(name: str, value) -> None:
+    """Refuse NaN or infinite observed data with a clear error."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+        bad = (~torch.isfinite(value)).sum().item()
+        raise ValueError(
+            f"pyro_avf: observed site '{name}' contains {bad} NaN or infinite value(s); clean the data or "
+            "replace missing entries with finite values and mask them out with poutine.mask."
+        )
+
+
+def apply_context(msg, ctx: StepContext) -> None:
+    """Give ``msg`` the plates, scale and mask of the handlers around the step, then broadcast it."""
+    msg["cond_indep_stack"] = tuple(ctx.frames) + tuple(msg["cond_indep_stack"])
+    msg["scale"] = ctx.scale * msg["scale"]
+    msg["mask"] = combine_masks(ctx.mask, msg["mask"])
+    if not _has_plate_shape(msg["fn"], msg["cond_indep_stack"]):
+        BroadcastMessenger._pyro_sample(msg)
+
+
+def _has_plate_shape(fn, frames) -> bool:
+    """Whether ``fn`` already has every plate's size at the plate's dim (broadcasting would not change it)."""
+    shape = getattr(fn, "batch_shape", None)
+    if shape is None:
+        return False
+    return all(f.dim is None or f.size == -1 or (len(shape) >= -f.dim and shape[f.dim] == f.size) for f in frames)
+
+
+class LatentRecord(NamedTuple):
+    name: str
+    prior: object
+    lam: Lambda
+    value: torch.Tensor
+
+
+class ObservedRecord(NamedTuple):
+    name: str
+    fn: object
+    value: torch.Tensor
+
+
+class StepRun(Messenger):
+    """Run a step once with latent slot ``i`` drawn from ``q(lambdas[i])``, scoring every site into
+    :attr:`terms` and stopping it here, so that no trace outside sees the re-run.
+
+    With ``lambdas=None`` every slot starts at its prior (the prediction, iteration 0) and the initial
+    parameters are available as :attr:`initial_lambdas` (detached leaves that require grad).
+    """
+
+    def __init__(self, ctx: StepContext, lambdas: Optional[List[Lambda]], kl_weight: float = 1.0):
+        super().__init__()
+        self.ctx = ctx
+        self.lambdas = lambdas
+        self.latents: List[LatentRecord] = []
+        self.observations: List[ObservedRecord] = []
+        self.terms = Terms(ctx.batch_shape, kl_weight)
+
+    @property
+    def initial_lambdas(self) -> List[Lambda]:
+        return [rec.lam for rec in self.latents]
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample":
+            return
+        apply_context(msg, self.ctx)
+        msg["stop"] = True
+        if site_is_subsample(msg):
+            return
+        name, fn = msg["name"], msg["fn"]
+        if msg["is_observed"]:
+            check_finite_observation(name, msg["value"])
+            score_site(self.terms, msg)
+            self.observations.append(ObservedRecord(name, fn, msg["value"]))
+            return
+        check_continuous_latent(name, fn)
+        i = len(self.latents)
+        if self.lambdas is None:
+            loc, scale = unconstrained_moments(fn)
+            lam = (loc.requires_grad_(), scale.log().requires_grad_())
+        elif i < len(self.lambdas):
+            lam = self.lambdas[i]
+        else:
+            raise RuntimeError(
+                f"pyro_avf: the step produced more latent sites than on its first run (extra site '{name}'); "
+                "a filtering step must sample the same latent sites every time it runs."
+            )
+        q = posterior(lam[0], lam[1], fn)
+        z = q.rsample()
+        msg["value"], msg["done"] = z, True
+        self.latents.append(LatentRecord(name, fn, lam, z))
+        score_site(self.terms, msg, prior=fn, q=q, q_params=lam)
+
+    def latent_errors(self, i: int) -> torch.Tensor:
+        r""":math:`\varepsilon_z = (u - \mu_p)/\sigma_p` of slot ``i`` in the unconstrained space."""
+        rec = self.latents[i]
+        params = normal_parameters(rec.prior)
+        if params is None:
+            raise ValueError(
+                f"pyro_avf: error encoding needs Normal (or LogNormal) priors; site '{rec.name}' has "
+                f"{type(unwrap(rec.prior)[0]).__name__}. Use encoding='gradient'."
+            )
+        u = biject_to(rec.prior.support).inv(rec.value)
+        return (u - params[0]) / params[1]
+
+    def observation_errors(self, batch_shape: torch.Size, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r""":math:`\varepsilon_x = (x - \mu_x)/\sigma_x` of every Normal observation, flattened and joined."""
+        parts = []
+        for rec in self.observations:
+            params = normal_parameters(rec.fn)
+            if params is None:
+                raise ValueError(
+                    f"pyro_avf: error encoding needs Normal observations; site '{rec.name}' has "
+                    f"{type(unwrap(rec.fn)[0]).__name__}. Use encoding='gradient'."
+                )
+            parts.append(flatten_to((rec.value - params[0]) / params[1], batch_shape, rec.name))
+        if parts:
+            return torch.cat(parts, -1)
+        return torch.zeros(batch_shape + (0,)) if like is None else like.new_zeros(batch_shape + (0,))
+
+    def observed_values(self, batch_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """Every observed value of the step, flattened per batch element and joined (dtype and device of
+        ``like``)."""
+        parts = [flatten_to(rec.value.to(like), batch_shape, rec.name) for rec in self.observations]
+        return torch.cat(parts, -1) if parts else like.new_zeros(batch_shape + (0,))
+
+
+@dataclass
+class StepResult:
+    """What inference at one step returns.
+
+    ``final``: :math:`\\lambda_K` per slot (a function of φ when the update networks train; None when K = 0
+    or the step has no latent site). ``lambdas``, ``free_energy``, ``kl``, ``reconstruction``: detached,
+    per iteration k = 0..K-1 (``lambdas`` also holds λ_K), empty when not recorded. ``surrogate``: the update
+    networks' surrogate of the intermediate iterations (None if none). ``final_terms``: the terms of the
+    final run, filled in by the guide.
+    """
+
+    t: int
+    ctx: StepContext
+    final: Optional[List[Lambda]] = None
+    lambdas: List[List[Lambda]] = field(default_factory=list)
+    free_energy: List[torch.Tensor] = field(default_factory=list)
+    kl: List[torch.Tensor] = field(default_factory=list)
+    reconstruction: List[torch.Tensor] = field(default_factory=list)
+    surrogate: Optional[torch.Tensor] = None
+    executions: int = 0
+    slots: List[LatentRecord] = field(default_factory=list)
+    final_terms: Optional[Terms] = None
+
+    def record(self, runs: List[StepRun], lambdas: List[Lambda]) -> None:
+        for name in ("free_energy", "kl", "reconstruction"):
+            values = [getattr(r.terms, name).detach() for r in runs]
+            getattr(self, name).append(values[0] if len(values) == 1 else sum(values) / len(values))
+        self.lambdas.append(detached(lambdas))
+
+
+def add_surrogate(total: Optional[torch.Tensor], params: List[torch.Tensor], grads) -> Optional[torch.Tensor]:
+    r"""``total`` plus :math:`\sum_p p^\top \mathrm{sg}[g_p] - \mathrm{sg}[\cdot]` (value unchanged, gradient
+    :math:`\sum_p (\partial p / \partial \phi)^\top g_p`)."""
+    for p, g in zip(params, grads):
+        if g is not None:
+            term = (g.detach() * p).sum()
+            total = term - term.detach() if total is None else total + term - term.detach()
+    return total
+
+
+class StepInference:
+    """K inference iterations of one step (see the module docstring).
+
+    :param int num_iterations: K.
+    :param update: the update rule (see :mod:`pyro_avf.updates`).
+    :param int num_samples: Monte-Carlo samples per gradient estimate.
+    """
+
+    def __init__(self, num_iterations: int, update, num_samples: int = 1):
+        self.num_iterations, self.update, self.num_samples = num_iterations, update, num_samples
+        self.slots: Dict[int, tuple] = {}  # slot index -> (first site name, unconstrained event shape)
+
+    def check_slot(self, i: int, name: str, loc: torch.Tensor, prior) -> None:
+        """Refuse a latent slot whose shape differs from the one it had at earlier steps."""
+        event = loc.shape[loc.dim() - unconstrained_event_dim(prior) :]
+        known = self.slots.setdefault(i, (name, event))
+        if known[1] != event:
+            raise ValueError(
+                f"pyro_avf: latent slot {i} of the filtering step changed shape: site '{known[0]}' had event "
+                f"shape {tuple(known[1])}, site '{name}' has {tuple(event)}. Latent sites are matched across "
+                "steps by their order within the step, so each slot must keep its shape."
+            )
+
+    def __call__(self, fn, args, kwargs, ctx: StepContext, t: int, *, kl_weight: float = 1.0,
+                 train: bool = False, keep: bool = True) -> StepResult:  # fmt: skip
+        """Infer the posterior of the step ``fn(*args, **kwargs)`` at time ``t``.
+
+        :param bool train: build the surrogate and return λ_K as a function of the update networks.
+        :param bool keep: record the per-iteration diagnostics.
+        """
+        result = StepResult(t, ctx)
+        if not self.num_iterations:
+            return result
+        args, kwargs = detached((args, kwargs))  # no graph towards θ or the past
+        keep_params = list(self.update.nets.parameters()) if train else []
+        # the final run validates the step's distributions; the re-runs skip Pyro's argument checks
+        with frozen_parameters(keep_params), pyro.validation_enabled(False), torch.enable_grad():
+            self._iterate(result, fn, args, kwargs, ctx, kl_weight, train, keep)
+        return result
+
+    def _run(self, result: StepResult, fn, args, kwargs, ctx, lambdas, kl_weight) -> StepRun:
+        run = StepRun(ctx, lambdas, kl_weight)
+        try:
+            with run:
+                fn(*args, **kwargs)
+        except RuntimeError as e:
+            if str(e).startswith("pyro_avf"):
+                raise
+            raise RuntimeError(
+                f"pyro_avf: filtering step '{getattr(fn, '__qualname__', fn)}' failed at step {result.t} while "
+                f"inferring its posterior: {e}\n(the step's tensor arguments have shapes "
+                f"{_shapes((args, kwargs))})"
+            ) from e
+        result.executions += 1
+        return run
+
+    def _iterate(self, result, fn, args, kwargs, ctx, kl_weight, train, keep) -> None:
+        leaves: Optional[List[Lambda]] = None
+        current: Optional[List[Lambda]] = None
+        state = None
+        for k in range(self.num_iterations):
+            runs = [self._run(result, fn, args, kwargs, ctx, leaves, kl_weight)]
+            if leaves is None:
+                leaves = current = runs[0].initial_lambdas
+                result.slots = list(runs[0].latents)
+                for i, rec in enumerate(result.slots):
+                    self.check_slot(i, rec.name, rec.lam[0], rec.prior)
+                state = self.update.start(leaves)
+            runs += [self._run(result, fn, args, kwargs, ctx, leaves, kl_weight) for _ in range(self.num_samples - 1)]
+            if keep:  # online filtering keeps only the final numbers: constant memory per step
+                result.record(runs, leaves)
+            flat = [p for lam in leaves for p in lam]
+            if not flat:
+                return
+            # the update sees the gradient of the per-element free energy; φ learns from the scaled loss
+            loss = sum(r.terms.free_energy.sum() for r in runs) / len(runs)
+            train_phi = k > 0 and train
+            scaled = train_phi and any(r.terms.scaled for r in runs)
+            grads = _grads(loss, flat, retain_graph=scaled)
+            pairs = [(grads[2 * i], grads[2 * i + 1]) for i in range(len(leaves))]
+            if train_phi:
+                phi_grads = _grads(sum(r.terms.loss for r in runs) / len(runs), flat) if scaled else grads
+                result.surrogate = add_surrogate(result.surrogate, [p for lam in current for p in lam], phi_grads)
+            with torch.set_grad_enabled(train):
+                current = self.update(state, k, leaves, pairs, runs[0])
+            leaves = [(loc.detach().requires_grad_(), ls.detach().requires_grad_()) for loc, ls in current]
+        if keep and leaves is not None:
+            result.lambdas.append(detached(leaves))
+        result.final = current if train else detached(current)
+
+
+def _grads(loss: torch.Tensor, params: List[torch.Tensor], retain_graph: bool = False) -> List[torch.Tensor]:
+    if not loss.requires_grad:  # every site masked (e.g. Predictive's poutine.mask(mask=False))
+        return [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def _shapes(tree) -> list:
+    return [tuple(v.shape) for v in torch.utils._pytree.tree_leaves(tree) if isinstance(v, torch.Tensor)]

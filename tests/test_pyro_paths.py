@@ -1,0 +1,498 @@
+"""Acceptance tests: IterativeGuide on the ordinary Pyro paths.
+
+Grad mode and Predictive, the guide's own trace, saving and restoring, JIT, every way Pyro writes a mask,
+float64, an empty time dimension, wrong data shapes and devices. Only the public API is used.
+"""
+
+import contextlib
+import copy
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO
+
+import pyro_avf
+from pyro_avf import AmortizedFilteringELBO, IterativeGuide
+from pyro_avf.evaluation import filtering_free_energy
+from pyro_avf.models.lgssm import LinearGaussianSSM
+
+A, Q, R = 0.9, 0.5, 0.3  # the README model: z_t ~ N(A z_{t-1}, Q), x_t ~ N(z_t, R), z_{-1} = 0
+
+
+# ----- module-level models (picklable, for torch.save of a guide) -----
+
+
+@pyro_avf.filtering_step
+def readme_step(t, z_prev, x_t):
+    z = pyro.sample(f"z_{t}", dist.Normal(A * z_prev, Q).to_event(1))
+    pyro.sample(f"x_{t}", dist.Normal(z, R).to_event(1), obs=x_t)
+    return z
+
+
+def readme_model(xs):
+    with pyro.plate("sequences", xs.size(0)):
+        z = xs.new_zeros(xs.size(0), xs.size(2))
+        for t in pyro.markov(range(xs.size(1))):
+            z = readme_step(t, z, xs[:, t])
+
+
+def data(B=4, T=5, D=2, seed=1, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, D, generator=g, dtype=dtype).to(device)
+
+
+def latent_names(T):
+    return {f"z_{t}" for t in range(T)}
+
+
+# ----- 1. grad mode, Predictive, inspection -----
+
+
+def test_guide_under_no_grad_returns_latents_only():
+    xs = data()
+    guide = IterativeGuide(readme_model, num_iterations=2, hidden_size=16)
+    with torch.no_grad():
+        out = guide(xs)
+    assert isinstance(out, dict)
+    assert set(out) == latent_names(5)  # no observed sites
+    for name, value in out.items():
+        assert value.shape == (4, 2), name
+        assert not value.requires_grad, name
+
+
+def test_predictive_with_the_guide():
+    xs = data()
+    guide = IterativeGuide(readme_model, num_iterations=2, hidden_size=16)
+    samples = Predictive(readme_model, guide=guide, num_samples=10)(xs)
+    assert samples["z_0"].shape == (10, 4, 2)
+    assert samples["z_4"].shape == (10, 4, 2)
+    assert torch.isfinite(samples["z_0"]).all()
+    assert samples["z_0"].std(0).min() > 0  # ten different draws
+
+
+def test_model_inspection_runs_on_the_guide():
+    xs = data()
+    guide = IterativeGuide(readme_model, num_iterations=2, hidden_size=16)
+    relations = pyro.infer.inspect.get_model_relations(guide, model_args=(xs,))
+    assert latent_names(5) <= set(relations["sample_sample"])
+    try:
+        import graphviz  # noqa: F401
+    except ImportError:
+        return
+    pyro.render_model(guide, model_args=(xs,))
+
+
+# ----- 2. the guide's own trace -----
+
+
+def test_guide_trace_has_only_latent_sample_sites():
+    xs = data()
+    guide = IterativeGuide(readme_model, num_iterations=2, hidden_size=16)
+    guide(xs)
+    model_trace, guide_trace = guide.get_traces()
+    kinds = {name: (site["type"], site.get("is_observed")) for name, site in guide_trace.nodes.items()}
+    assert set(kinds) == latent_names(5), kinds
+    assert all(kind == ("sample", False) for kind in kinds.values()), kinds
+    assert {f"x_{t}" for t in range(5)} <= set(model_trace.nodes)  # the model trace still has the data
+
+
+# ----- 3. save / restore -----
+
+SAVE_SHAPE = dict(B=8, T=6, D=2)
+
+
+def new_guide():
+    return IterativeGuide(readme_model, num_iterations=2, hidden_size=16)
+
+
+def seeded_loss(guide, xs):
+    pyro.set_rng_seed(0)
+    return AmortizedFilteringELBO().loss(readme_model, guide, xs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    pyro.clear_param_store()
+    xs = data(**SAVE_SHAPE)
+    guide = new_guide()
+    untrained = seeded_loss(guide, xs)
+    pyro.set_rng_seed(3)
+    svi = SVI(readme_model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=AmortizedFilteringELBO())
+    for _ in range(30):
+        svi.step(xs)
+    reference = seeded_loss(guide, xs)
+    store_path = tmp_path_factory.mktemp("store") / "params.pt"
+    pyro.get_param_store().save(store_path)
+    pyro.clear_param_store()
+    return {"guide": guide, "xs": xs, "untrained": untrained, "reference": reference, "store": store_path}
+
+
+def check_restored(trained, loss):
+    assert abs(trained["reference"] - trained["untrained"]) > 10.0, "training did not change the loss"
+    assert loss == pytest.approx(trained["reference"], rel=1e-6, abs=1e-6)
+
+
+def test_restore_from_the_param_store(trained):
+    pyro.clear_param_store()
+    pyro.get_param_store().load(trained["store"])
+    fresh = new_guide()  # no warm-up call
+    check_restored(trained, seeded_loss(fresh, trained["xs"]))
+
+
+def test_restore_from_a_state_dict(trained):
+    pyro.clear_param_store()
+    fresh = new_guide()  # no warm-up call
+    fresh.load_state_dict(trained["guide"].state_dict())
+    check_restored(trained, seeded_loss(fresh, trained["xs"]))
+
+
+def test_restore_with_torch_save(trained, tmp_path):
+    path = tmp_path / "guide.pt"
+    torch.save(trained["guide"], path)
+    pyro.clear_param_store()
+    restored = torch.load(path, weights_only=False)
+    check_restored(trained, seeded_loss(restored, trained["xs"]))
+
+
+# ----- 4. JIT -----
+
+
+def test_jit_elbo_is_refused_with_a_reason():
+    xs = data()
+    guide = IterativeGuide(readme_model, num_iterations=2, hidden_size=16)
+    svi = SVI(readme_model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=JitTrace_ELBO())
+    with pytest.raises(NotImplementedError, match="JIT"):
+        svi.step(xs)
+
+
+# ----- 5. masks, written every way Pyro allows -----
+
+STYLES = ["poutine", "dist_mask", "masked_distribution", "mask_then_event", "expanded"]
+MASK_B, MASK_T, MASK_D = 3, 6, 2
+LENGTHS = [MASK_T, MASK_T - 2, 1]
+
+
+def masked(style, normal, m_t):
+    """``normal`` (batch (B, D)) as an event-1 distribution, masked by ``m_t`` (B,) in the given style."""
+    if style == "poutine":
+        return normal.to_event(1)  # the mask comes from poutine.mask around the sites
+    if style == "dist_mask":
+        return normal.to_event(1).mask(m_t)
+    if style == "masked_distribution":
+        return dist.MaskedDistribution(normal.to_event(1), m_t)
+    if style == "mask_then_event":
+        return normal.mask(m_t[:, None]).to_event(1)
+    if style == "expanded":
+        return dist.ExpandedDistribution(normal.to_event(1).mask(m_t), torch.Size([m_t.size(0)]))
+    raise AssertionError(style)
+
+
+def masked_model(style):
+    @pyro_avf.filtering_step
+    def step(t, z_prev, x_t, m_t):
+        with poutine.mask(mask=m_t) if style == "poutine" else contextlib.nullcontext():
+            z = pyro.sample(f"z_{t}", masked(style, dist.Normal(A * z_prev, Q), m_t))
+            pyro.sample(f"x_{t}", masked(style, dist.Normal(z, R), m_t), obs=x_t)
+        return z
+
+    def model(xs, mask):
+        with pyro.plate("sequences", xs.size(0)):
+            z = xs.new_zeros(xs.size(0), xs.size(2))
+            for t in pyro.markov(range(xs.size(1))):
+                z = step(t, z, xs[:, t], mask[:, t])
+
+    return model
+
+
+def lengths_mask(lengths, T):
+    return torch.arange(T) < torch.tensor(lengths)[:, None]
+
+
+def masked_data(seed=1):
+    xs = data(MASK_B, MASK_T, MASK_D, seed=seed)
+    return xs, lengths_mask(LENGTHS, MASK_T)
+
+
+def masked_guide(style, K=2, state=None):
+    """A guide for ``style``'s model in a fresh param store, with the update networks of ``state``."""
+    pyro.clear_param_store()
+    model = masked_model(style)
+    guide = IterativeGuide(model, num_iterations=K, hidden_size=16)
+    xs, mask = masked_data()
+    pyro.set_rng_seed(0)
+    AmortizedFilteringELBO().loss(model, guide, xs, mask)  # creates the update networks
+    if state is not None:
+        guide.load_state_dict(state)
+    return model, guide
+
+
+def seeded_elbo(model, guide, *args, seed=0):
+    elbo = AmortizedFilteringELBO()
+    pyro.set_rng_seed(seed)
+    return elbo.loss(model, guide, *args), elbo.diagnostics
+
+
+@pytest.fixture(scope="module")
+def poutine_reference():
+    _, guide = masked_guide("poutine")
+    state = copy.deepcopy(guide.state_dict())
+    model, guide = masked_guide("poutine", state=state)
+    loss, diagnostics = seeded_elbo(model, guide, *masked_data())
+    pyro.clear_param_store()
+    return state, loss, diagnostics
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_every_mask_style_gives_the_poutine_loss(style, poutine_reference):
+    state, ref_loss, ref = poutine_reference
+    model, guide = masked_guide(style, state=state)
+    loss, diagnostics = seeded_elbo(model, guide, *masked_data())
+    assert math.isfinite(loss)
+    assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-5)
+    assert diagnostics["free_energy"].shape == (MASK_B, MASK_T, 3)
+    torch.testing.assert_close(diagnostics["free_energy"], ref["free_energy"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(diagnostics["kl"], ref["kl"], rtol=1e-5, atol=1e-5)  # the analytic KL is kept
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_masked_entries_cost_nothing_at_every_iteration(style):
+    model, guide = masked_guide(style)
+    xs, mask = masked_data()
+    _, diagnostics = seeded_elbo(model, guide, xs, mask)
+    assert (~mask).sum() == 7
+    for key in ("free_energy", "kl"):
+        d = diagnostics[key]
+        assert d.shape == (MASK_B, MASK_T, 3)
+        assert torch.all(d[~mask] == 0), (key, d[~mask])
+        assert torch.all(d[mask][:, -1] != 0), key  # real steps do cost something
+    assert torch.equal(diagnostics["observed"], mask)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_no_kl_without_inference_iterations(style):
+    model, guide = masked_guide(style, K=0)
+    _, diagnostics = seeded_elbo(model, guide, *masked_data())
+    assert diagnostics["kl"].shape == (MASK_B, MASK_T, 1)
+    assert torch.all(diagnostics["kl"] == 0)
+
+
+def loss_and_grads(model, guide, xs, mask):
+    """The seeded loss and its gradient with respect to every parameter it reaches (those SVI would train)."""
+    pyro.set_rng_seed(0)
+    with poutine.trace(param_only=True) as capture:
+        loss = AmortizedFilteringELBO().differentiable_loss(model, guide, xs, mask)
+    params = {id(site["value"].unconstrained()): site["value"].unconstrained() for site in capture.trace.nodes.values()}
+    params.update({id(p): p for p in guide.parameters()})
+    params = list(params.values())
+    assert params, "the loss reaches no parameters"
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def test_data_at_masked_positions_changes_nothing():
+    model, guide = masked_guide("dist_mask")
+    xs, mask = masked_data()
+    altered = xs.clone()
+    altered[~mask] = 100.0 * data(MASK_B, MASK_T, MASK_D, seed=5)[~mask]
+    loss, grads = loss_and_grads(model, guide, xs, mask)
+    loss2, grads2 = loss_and_grads(model, guide, altered, mask)
+    assert len(grads) == len(grads2) and any(g.abs().max() > 0 for g in grads)
+    torch.testing.assert_close(loss2, loss, rtol=1e-6, atol=1e-6)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g2, g, rtol=1e-6, atol=1e-6)
+
+
+def kalman_nll_per_step(xs, mask):
+    """Exact -log p(x_t | x_<t) of the README model, averaged over observed (b, t) entries."""
+    B, T, D = xs.shape
+    m, P = xs.new_zeros(B, D), xs.new_zeros(B, D)
+    total = xs.new_zeros(())
+    for t in range(T):
+        m, P = A * m, A**2 * P + Q**2
+        S = P + R**2
+        nll = (0.5 * ((xs[:, t] - m) ** 2 / S + S.log() + math.log(2 * math.pi))).sum(-1)
+        total = total + (nll * mask[:, t]).sum()
+        gain = P / S
+        keep = mask[:, t, None]
+        m = torch.where(keep, m + gain * (xs[:, t] - m), m)
+        P = torch.where(keep, (1 - gain) * P, P)
+    return (total / mask.sum()).item()
+
+
+def sample_readme(B, T, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    z, xs = torch.zeros(B, D), []
+    for _ in range(T):
+        z = A * z + Q * torch.randn(B, D, generator=g)
+        xs.append(z + R * torch.randn(B, D, generator=g))
+    return torch.stack(xs, 1)
+
+
+def trained_test_free_energy(style, state, train, test):
+    model, guide = masked_guide(style, state=state)
+    pyro.set_rng_seed(2)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=AmortizedFilteringELBO())
+    for _ in range(100):
+        svi.step(*train)
+    per_step = []
+    for seed in range(3):
+        pyro.set_rng_seed(10 + seed)
+        out = filtering_free_energy(model, guide, *test)
+        observed = out["observed"]
+        assert torch.equal(observed, test[1]), f"{style}: padded steps reported as observed"
+        assert torch.all(out["free_energy"][~observed] == 0)
+        per_step.append((out["free_energy"] * observed).sum().item() / observed.sum().item())
+    return sum(per_step) / len(per_step)
+
+
+def test_training_on_padded_data_respects_the_exact_bound(poutine_reference):
+    state = poutine_reference[0]
+    train_mask = lengths_mask([MASK_T, MASK_T - 2, 1] * 4, MASK_T)
+    train = (sample_readme(12, MASK_T, MASK_D, seed=1), train_mask)
+    test_mask = lengths_mask([MASK_T, 3, 5, 1] * 8, MASK_T)
+    test = (sample_readme(32, MASK_T, MASK_D, seed=2), test_mask)
+    exact = kalman_nll_per_step(*test)
+    fe = {style: trained_test_free_energy(style, state, train, test) for style in ("poutine", "dist_mask")}
+    assert fe["dist_mask"] == pytest.approx(fe["poutine"], abs=1e-4)
+    assert fe["poutine"] > exact - 0.02, (fe, exact)  # a free energy is an upper bound of the NLL
+
+
+# ----- 6. float64 -----
+
+
+@pyro_avf.filtering_step
+def double_step(t, z_prev, x_t):
+    a = pyro.param("a", torch.tensor(A, dtype=torch.float64))
+    z = pyro.sample(f"z_{t}", dist.Normal(a * z_prev, Q).to_event(1))
+    pyro.sample(f"x_{t}", dist.Normal(z, R).to_event(1), obs=x_t)
+    return z
+
+
+def double_model(xs):
+    with pyro.plate("sequences", xs.size(0)):
+        z = xs.new_zeros(xs.size(0), xs.size(2))
+        for t in pyro.markov(range(xs.size(1))):
+            z = double_step(t, z, xs[:, t])
+
+
+def double_readme():
+    return double_model, data(dtype=torch.float64), "z_0"
+
+
+def double_lgssm():
+    ssm = LinearGaussianSSM.random(latent_dim=2, obs_dim=3, seed=0, learnable=True).double()
+    xs, _ = ssm.sample(4, 5, seed=1)
+    return ssm.model, xs, "z_1"
+
+
+@pytest.mark.parametrize("make", [double_readme, double_lgssm], ids=["readme", "lgssm"])
+@pytest.mark.parametrize("loss", [AmortizedFilteringELBO, Trace_ELBO])
+def test_float64_model_trains(make, loss):
+    assert torch.get_default_dtype() == torch.float32
+    model, xs, first = make()
+    assert xs.dtype == torch.float64
+    guide = IterativeGuide(model, num_iterations=2, hidden_size=16)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=loss())
+    for _ in range(3):
+        assert math.isfinite(svi.step(xs))
+    assert guide(xs)[first].dtype == torch.float64
+    assert torch.get_default_dtype() == torch.float32
+
+
+# ----- 7. an empty time dimension -----
+
+
+def test_empty_time_dimension_then_a_real_sequence():
+    guide = IterativeGuide(readme_model, num_iterations=2, hidden_size=16)
+    assert guide(data(T=0)) == {}
+    xs = data(T=5)
+    guide(xs)
+    _, guide_trace = guide.get_traces()
+    assert set(guide_trace.nodes) == latent_names(5)
+    elbo = AmortizedFilteringELBO()
+    assert math.isfinite(elbo.loss(readme_model, guide, xs))
+    assert elbo.diagnostics["free_energy"].shape == (4, 5, 3)  # still filtered step by step
+
+
+def test_free_energy_of_an_empty_sequence_is_refused():
+    guide = IterativeGuide(readme_model, num_iterations=2, hidden_size=16)
+    with pytest.raises(ValueError, match="time step"):
+        filtering_free_energy(readme_model, guide, data(T=0))
+
+
+# ----- 8. wrong data shape -----
+
+
+@pyro_avf.filtering_step
+def step_3d(t, z_prev, x_t):
+    z = pyro.sample(f"z_{t}", dist.Normal(A * z_prev, Q).to_event(1))
+    pyro.sample(f"x_{t}", dist.Normal(z, R).to_event(1), obs=x_t)
+    return z
+
+
+def model_3d(xs):
+    with pyro.plate("sequences", xs.size(0)):
+        z = xs.new_zeros(xs.size(0), 3)
+        for t in pyro.markov(range(xs.size(1))):
+            z = step_3d(t, z, xs[:, t])
+
+
+@pytest.mark.parametrize("validation", [True, False], ids=["validated", "unvalidated"])
+def test_wrong_data_shape_names_the_site_and_both_shapes(validation):
+    xs = data(B=8, T=4, D=4)
+    guide = IterativeGuide(model_3d, num_iterations=2, hidden_size=16)
+    svi = SVI(model_3d, guide, pyro.optim.Adam({"lr": 1e-2}), loss=AmortizedFilteringELBO())
+    with pyro.validation_enabled(validation):
+        with pytest.raises(ValueError) as info:
+            svi.step(xs)
+    message = str(info.value)
+    assert "x_0" in message, message
+    assert "(8, 4)" in message and "(8, 3)" in message, message
+
+
+# ----- 9. devices -----
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    return torch.device(request.param)
+
+
+@pytest.mark.parametrize("which", ["readme", "lgssm"])
+def test_one_step_on_a_device(device, which):
+    if which == "readme":
+        model, xs, first = readme_model, data(device=device), "z_0"
+    else:
+        ssm = LinearGaussianSSM.random(latent_dim=2, obs_dim=3, seed=0, learnable=True)
+        xs = ssm.sample(4, 5, seed=1)[0].to(device)  # sampled on the CPU, then moved with the model
+        ssm = ssm.to(device)
+        model, first = ssm.model, "z_1"
+    guide = IterativeGuide(model, num_iterations=2, hidden_size=16)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=AmortizedFilteringELBO())
+    assert math.isfinite(svi.step(xs))
+    out = guide(xs)
+    assert out[first].device.type == device.type
+    assert all(p.device.type == device.type for p in guide.parameters())
+
+
+def test_trace_elbo_trains_the_update_network_of_a_model_without_parameters():
+    """Trace_ELBO only backpropagates when a trace holds a param site: the update networks' sites must be
+    in the guide's traces even when the model has no parameters of its own (the LG-SSM here)."""
+    ssm = LinearGaussianSSM.random(latent_dim=2, obs_dim=3, seed=0)
+    xs, _ = ssm.sample(16, 6, seed=1)
+    guide = IterativeGuide(ssm.model, num_iterations=2, hidden_size=16)
+
+    def held_out():
+        return sum(AmortizedFilteringELBO().loss(ssm.model, guide, xs) for _ in range(10)) / 10
+
+    before = held_out()
+    svi = pyro.infer.SVI(ssm.model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
+    for _ in range(60):
+        svi.step(xs)
+    assert held_out() < before - 150  # measured: 779 -> about 480

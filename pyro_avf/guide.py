@@ -14,113 +14,37 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import pyro
 import torch
 from pyro.poutine.guide import GuideMessenger
-from pyro.poutine.markov_messenger import MarkovMessenger
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, Message
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from pyro_avf.encoders import Encoding
-from pyro_avf.free_energy import StepContext, Terms, score_site
+from pyro_avf.free_energy import StepContext
 from pyro_avf.inference import (
+    FinalRun,
     Lambda,
     StepInference,
     StepResult,
     StepRun,
-    add_surrogate,
     check_finite_observation,
     detached,
     frozen_parameters,
 )
 from pyro_avf.passes import PassRecord
 from pyro_avf.posterior import check_continuous_latent, posterior, unconstrained_moments
-from pyro_avf.step import STEP_TYPE
-from pyro_avf.updates import AdamUpdate, LearnedUpdate, SGDUpdate, UpdateNetworks
+from pyro_avf.step import STEP_TYPE, check_not_in_markov_loop, has_filtering_step
+from pyro_avf.updates import UpdateNetworks, update_rule
 
-UPDATES = ("highway", "residual", "learned_sgd", "sgd", "adam")
 JIT_REFUSAL = (
     "pyro_avf: IterativeGuide does not support JIT tracing (JitTrace_ELBO, JitTraceMeanField_ELBO, ...): every "
     "step runs an inner optimisation whose number of re-runs and whose gradients with respect to the posterior "
     "parameters are computed during the pass, which torch.jit.trace would freeze into constants. Use "
     "pyro_avf.AmortizedFilteringELBO (one pass, no model replay) or Trace_ELBO."
 )
-
-
-def make_update(update, encoding, encode_observation: bool, networks: str, hidden_size: int, lr: float,
-                lr_decay: float):  # fmt: skip
-    """The update rule for the guide's options: a rule object as it is, or one named by a string."""
-    if not isinstance(update, str):
-        if not (callable(update) and callable(getattr(update, "start", None))):
-            raise TypeError(f"update must be one of {UPDATES} or a rule with start() and __call__, got {update!r}")
-        return update
-    if update not in UPDATES:
-        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
-    if update == "sgd":
-        return SGDUpdate(lr, lr_decay)
-    if update == "adam":
-        return AdamUpdate(lr, lr_decay)
-    if isinstance(encoding, str):
-        encoding = Encoding(encoding, encode_observation)
-    return LearnedUpdate(update, encoding, networks, hidden_size, lr)
-
-
-class _FinalRun:
-    """The posteriors handed to the final run of a step, slot by slot, and what the run sampled."""
-
-    def __init__(self, result: StepResult, lambdas: Optional[List[Lambda]], graph: Optional[List[Lambda]]):
-        self.result, self.lambdas, self.graph = result, lambdas, graph  # graph: λ_K as functions of φ
-        self.latent_names: List[str] = []
-        self.site_names: List[str] = []
-        self.num_observed = 0
-
-    def next_posterior(self, name: str, prior):
-        i = len(self.latent_names)
-        if self.lambdas is None:
-            loc, scale = unconstrained_moments(prior)
-            lam = (loc, scale.log())
-        elif i < len(self.lambdas):
-            lam = self.lambdas[i]
-        else:
-            raise RuntimeError(
-                f"pyro_avf: latent site '{name}' appeared in the final run of a step but not while inferring "
-                "it; a filtering step must sample the same latent sites every time it runs."
-            )
-        self.latent_names.append(name)
-        return posterior(lam[0], lam[1], prior), lam
-
-
-class _StepDetector(Messenger):
-    """Finds out whether a model has a marked step (stopping at the first one)."""
-
-    class Found(Exception):
-        pass
-
-    def _pyro_filtering_step(self, msg: Message) -> None:
-        raise self.Found()
-
-    def _pyro_sample(self, msg: Message) -> None:
-        if not msg["is_observed"] and not site_is_subsample(msg):
-            check_not_in_markov_loop(msg["name"], _PYRO_STACK)
-
-
-def check_not_in_markov_loop(name: str, stack) -> None:
-    """Latent sites inside ``pyro.markov`` but outside any marked step are almost surely a forgotten marker."""
-    if any(isinstance(f, MarkovMessenger) for f in stack):
-        raise ValueError(
-            f"pyro_avf: latent site '{name}' is sampled inside a pyro.markov loop but not inside a function "
-            "marked with @pyro_avf.filtering_step. Move the body of the loop into a function, decorate it with "
-            "@pyro_avf.filtering_step and call it once per time step, e.g.\n"
-            "    @pyro_avf.filtering_step\n"
-            "    def step(t, state, x_t): ...\n"
-            "    for t in pyro.markov(range(T)):\n"
-            "        state = step(t, state, xs[:, t])"
-        )
 
 
 class IterativeGuide(GuideMessenger, nn.Module):
@@ -189,7 +113,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
             raise ValueError(f"num_iterations must be a non-negative integer, got {num_iterations!r}")
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        self.update_rule = make_update(update, encoding, encode_observation, networks, hidden_size, lr, lr_decay)
+        self.update_rule = update_rule(update, encoding, encode_observation, networks, hidden_size, lr, lr_decay)
         nets = getattr(self.update_rule, "nets", None)
         self.update_nets = UpdateNetworks() if nets is None else nets
         self.update_nets.prefix = f"{name}_update_"
@@ -199,7 +123,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         self.hidden_size, self.lr, self.name = hidden_size, lr, name
         self.last_pass: Optional[PassRecord] = None  # the record of the latest call (read it, don't set it)
         self._pass: Optional[PassRecord] = None  # the call in progress
-        self._active: Optional[_FinalRun] = None
+        self._active: Optional[FinalRun] = None
         self._has_step = False  # found once, true for good; a call that finds none checks again next time
         self._local_return: Optional[bool] = None  # see _return_is_local
         self._lambda: Optional[Lambda] = None  # λ of the posterior that get_posterior made last
@@ -251,7 +175,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
                 self.update_nets.register()  # inside: the param sites reach the traces other ELBOs read
                 if fn is not None:
                     fn(*args, **kwargs)
-                elif self._has_step or self._find_step(args, kwargs):
+                elif self._has_step or has_filtering_step(self.model, *args, **kwargs):
+                    self._has_step = True
                     self.model(*args, **kwargs)
                 else:
                     self._run_static(args, kwargs)
@@ -259,14 +184,6 @@ class IterativeGuide(GuideMessenger, nn.Module):
             del self.args_kwargs
             self._pass, self._active = None, None
         return record
-
-    def _find_step(self, args, kwargs) -> bool:
-        try:
-            with pyro.poutine.block(), torch.no_grad(), _StepDetector():
-                self.model(*args, **kwargs)
-        except _StepDetector.Found:
-            self._has_step = True
-        return self._has_step
 
     def _run_static(self, args, kwargs) -> None:
         msg = Message(type=STEP_TYPE, name="model", fn=self.model, is_observed=False, args=args, kwargs=kwargs,
@@ -304,7 +221,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         if rec.local_gradients and rec.train and lambdas is not None and not self._local_return:
             graph, lambdas = lambdas, [(loc.detach().requires_grad_(), ls.detach().requires_grad_()) for loc, ls in
                                        lambdas]  # fmt: skip
-        self._active = _FinalRun(result, lambdas, graph)
+        self._active = FinalRun(result, lambdas, graph)
         rec.step_executions += 1
 
     def _finish_online(self, msg: Message, ctx: StepContext, result: StepResult) -> None:
@@ -320,74 +237,9 @@ class IterativeGuide(GuideMessenger, nn.Module):
 
     def _pyro_post_filtering_step(self, msg: Message) -> None:
         active, self._active = self._active, None
-        rec = self._pass
-        if active is None:
-            return
-        t = rec.t
-        rec.t += 1
-        if active.lambdas is not None and len(active.latent_names) != len(active.lambdas):
-            raise RuntimeError(
-                f"pyro_avf: step {t} sampled {len(active.latent_names)} latent sites in its final run but "
-                f"{len(active.lambdas)} while inferring them; a filtering step must be repeatable."
-            )
-        if active.latent_names and not active.num_observed:
-            warnings.warn(
-                f"pyro_avf: filtering step {t} has latent sites {active.latent_names} but observes "
-                "nothing, so its posterior can only be the prior.",
-                stacklevel=2,
-            )
-        if not rec.local_gradients:  # another ELBO (Trace_ELBO, ...) differentiates the traces itself
-            if rec.train and active.lambdas is not None:
-                msg["value"] = self._detach_latents(msg["value"], active)  # φ: each step's own free energy
-            return
-        terms = Terms(active.result.ctx.batch_shape, rec.kl_weight)
-        for name in active.site_names:
-            site = self.trace.nodes[name]
-            score_site(terms, site, site["infer"].get("prior"), site["fn"], site["infer"].get("avf_lambda"))
-        active.result.final_terms = terms
-        if active.graph is not None:  # train φ on this step's own final free energy
-            leaves = [p for lam in active.lambdas for p in lam]
-            grads = torch.autograd.grad(terms.loss, leaves, retain_graph=True, allow_unused=True)
-            rec.final_surrogate = add_surrogate(rec.final_surrogate, [p for lam in active.graph for p in lam], grads)
-            if self._local_return is None:
-                self._local_return = self._return_is_local(msg["value"], active)
-        elif rec.train and active.lambdas is not None:
-            msg["value"] = self._detach_latents(msg["value"], active)
-
-    def _latent_values(self, active: _FinalRun) -> List[torch.Tensor]:
-        return [self.trace.nodes[name]["value"] for name in active.latent_names]
-
-    def _detach_latents(self, value, active: _FinalRun):
-        """The step's return value with this step's latent samples detached: later steps see z_t as data, so
-        the final free energy's gradient reaches φ through λ_K from this step only (no extra backward)."""
-        latents = {id(z) for z in self._latent_values(active)}
-        return torch.utils._pytree.tree_map(
-            lambda v: v.detach() if isinstance(v, torch.Tensor) and id(v) in latents else v, value
-        )
-
-    def _return_is_local(self, value, active: _FinalRun) -> bool:
-        """Whether later steps can only depend on this step's latents through returned latent samples
-        themselves (true when the step returns z_t, as SRNN, DMM and the LG-SSM do; false when it returns a
-        state computed from z_t, as VRNN does). When true, later steps take the single-backward path of
-        :meth:`_detach_latents`; otherwise every step pays one extra ``autograd.grad``. Decided once, at the
-        first step, from the autograd graph."""
-        latents = {id(z) for z in self._latent_values(active)}
-        leaves = {id(p) for lam in active.lambdas for p in lam}
-        others = [
-            v
-            for v in torch.utils._pytree.tree_leaves(value)
-            if isinstance(v, torch.Tensor) and v.requires_grad and id(v) not in latents
-        ]
-        seen, frontier = set(), [v.grad_fn for v in others if v.grad_fn is not None]
-        while frontier:
-            node = frontier.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if id(getattr(node, "variable", None)) in leaves:
-                return False
-            frontier.extend(next_node for next_node, _ in node.next_functions)
-        return True
+        if active is not None:
+            msg["value"], self._local_return = active.finish(self.trace, msg["value"], self._pass, self._local_return)
+            self._pass.t += 1
 
     def _pyro_sample(self, msg: Message) -> None:
         if site_is_subsample(msg):

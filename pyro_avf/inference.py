@@ -349,3 +349,94 @@ def _grads(loss: torch.Tensor, params: List[torch.Tensor], retain_graph: bool = 
 
 def _shapes(tree) -> list:
     return [tuple(v.shape) for v in torch.utils._pytree.tree_leaves(tree) if isinstance(v, torch.Tensor)]
+
+
+class FinalRun:
+    r"""The last run of a step, inside the model's own execution: the posteriors :math:`q_{\lambda_K}` it
+    samples from, slot by slot, and what is done once it has run (:meth:`finish`).
+
+    ``graph`` holds :math:`\lambda_K` as functions of φ when the run samples from detached copies
+    ``lambdas`` (the update networks then learn from this step's own final free energy through a surrogate).
+    """
+
+    def __init__(self, result: StepResult, lambdas: Optional[List[Lambda]], graph: Optional[List[Lambda]]):
+        self.result, self.lambdas, self.graph = result, lambdas, graph
+        self.latent_names: List[str] = []
+        self.site_names: List[str] = []
+        self.num_observed = 0
+
+    def next_posterior(self, name: str, prior):
+        """The posterior of the next latent site of the step and its λ (the prior's, when K = 0)."""
+        i = len(self.latent_names)
+        if self.lambdas is None:
+            loc, scale = unconstrained_moments(prior)
+            lam = (loc, scale.log())
+        elif i < len(self.lambdas):
+            lam = self.lambdas[i]
+        else:
+            raise RuntimeError(
+                f"pyro_avf: latent site '{name}' appeared in the final run of a step but not while inferring "
+                "it; a filtering step must sample the same latent sites every time it runs."
+            )
+        self.latent_names.append(name)
+        return posterior(lam[0], lam[1], prior), lam
+
+    def finish(self, trace, value, record, local_return: Optional[bool]) -> Tuple[object, Optional[bool]]:
+        r"""Check the run, score it and add the update networks' final surrogate to ``record`` (a
+        :class:`~pyro_avf.passes.PassRecord`). Returns the step's value to hand on (this step's latent samples
+        detached where φ must not learn from later steps) and whether steps return their latents themselves
+        (``local_return``, found at the first step that needs it, see :meth:`return_is_local`)."""
+        t = record.t
+        if self.lambdas is not None and len(self.latent_names) != len(self.lambdas):
+            raise RuntimeError(
+                f"pyro_avf: step {t} sampled {len(self.latent_names)} latent sites in its final run but "
+                f"{len(self.lambdas)} while inferring them; a filtering step must be repeatable."
+            )
+        if self.latent_names and not self.num_observed:
+            warnings.warn(
+                f"pyro_avf: filtering step {t} has latent sites {self.latent_names} but observes nothing, so its "
+                "posterior can only be the prior.",
+                stacklevel=4,
+            )
+        detach = record.train and self.lambdas is not None and self.graph is None
+        if record.local_gradients:  # AmortizedFilteringELBO reads the terms of every step's final run
+            terms = Terms(self.result.ctx.batch_shape, record.kl_weight)
+            for name in self.site_names:
+                site = trace.nodes[name]
+                score_site(terms, site, site["infer"].get("prior"), site["fn"], site["infer"].get("avf_lambda"))
+            self.result.final_terms = terms
+            if self.graph is not None:
+                leaves = [p for lam in self.lambdas for p in lam]
+                grads = torch.autograd.grad(terms.loss, leaves, retain_graph=True, allow_unused=True)
+                graph = [p for lam in self.graph for p in lam]
+                record.final_surrogate = add_surrogate(record.final_surrogate, graph, grads)
+                if local_return is None:
+                    local_return = self.return_is_local(trace, value)
+        if detach:  # later steps see z_t as data: φ learns from this step's own free energy
+            latents = {id(trace.nodes[name]["value"]) for name in self.latent_names}
+            value = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) and id(v) in latents else v, value)
+        return value, local_return
+
+    def return_is_local(self, trace, value) -> bool:
+        """Whether later steps can only depend on this step's latents through returned latent samples
+        themselves (true when the step returns z_t, as SRNN, DMM and the LG-SSM do; false when it returns a
+        state computed from z_t, as VRNN does), found on the autograd graph. When true, the final run samples
+        from λ_K itself and the returned z_t are detached: the same gradients in one backward pass; otherwise
+        every step pays one extra ``autograd.grad`` for the surrogate."""
+        latents = {id(trace.nodes[name]["value"]) for name in self.latent_names}
+        leaves = {id(p) for lam in self.lambdas for p in lam}
+        others = [
+            v
+            for v in torch.utils._pytree.tree_leaves(value)
+            if isinstance(v, torch.Tensor) and v.requires_grad and id(v) not in latents
+        ]
+        seen, frontier = set(), [v.grad_fn for v in others if v.grad_fn is not None]
+        while frontier:
+            node = frontier.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if id(getattr(node, "variable", None)) in leaves:
+                return False
+            frontier.extend(next_node for next_node, _ in node.next_functions)
+        return True

@@ -14,7 +14,11 @@ from typing import Callable, TypeVar
 
 import pyro
 import pyro.distributions as dist
-from pyro.poutine.runtime import Message, am_i_wrapped, apply_stack
+import torch
+from pyro.poutine.markov_messenger import MarkovMessenger
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK, Message, am_i_wrapped, apply_stack
+from pyro.poutine.util import site_is_subsample
 
 STEP_TYPE = "filtering_step"
 
@@ -87,6 +91,44 @@ def is_filtering_step(fn: Callable) -> bool:
     """Whether ``fn`` was marked with :func:`filtering_step`."""
     return bool(getattr(fn, "_is_filtering_step", False))
 
+
+class StepDetector(Messenger):
+    """Finds out whether a model has a marked step (stopping at the first one), refusing latent sites in a
+    ``pyro.markov`` loop outside any marked step on the way."""
+
+    class Found(Exception):
+        pass
+
+    def _pyro_filtering_step(self, msg: Message) -> None:
+        raise self.Found()
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if not msg["is_observed"] and not site_is_subsample(msg):
+            check_not_in_markov_loop(msg["name"], _PYRO_STACK)
+
+
+def check_not_in_markov_loop(name: str, stack) -> None:
+    """Latent sites inside ``pyro.markov`` but outside any marked step are almost surely a forgotten marker."""
+    if any(isinstance(f, MarkovMessenger) for f in stack):
+        raise ValueError(
+            f"pyro_avf: latent site '{name}' is sampled inside a pyro.markov loop but not inside a function "
+            "marked with @pyro_avf.filtering_step. Move the body of the loop into a function, decorate it with "
+            "@pyro_avf.filtering_step and call it once per time step, e.g.\n"
+            "    @pyro_avf.filtering_step\n"
+            "    def step(t, state, x_t): ...\n"
+            "    for t in pyro.markov(range(T)):\n"
+            "        state = step(t, state, xs[:, t])"
+        )
+
+
+def has_filtering_step(model, *args, **kwargs) -> bool:
+    """Whether ``model(*args, **kwargs)`` calls a :func:`filtering_step` (run once, blocked, without gradients)."""
+    try:
+        with pyro.poutine.block(), torch.no_grad(), StepDetector():
+            model(*args, **kwargs)
+    except StepDetector.Found:
+        return True
+    return False
 
 def examples_model(xs):
     """The model of the docstring examples: a 2-d random walk observed in noise, ``xs`` of shape

@@ -233,6 +233,8 @@ class LearnedUpdate:
             raise ValueError(f"update form must be one of {FORMS}, got {form!r}")
         if networks not in NETWORKS:
             raise ValueError(f"networks must be one of {NETWORKS}, got {networks!r}")
+        if form == "learned_sgd" and encoding.signal != "gradient":
+            raise ValueError("the 'learned_sgd' update steps along the gradient: it needs encoding='gradient'")
         self.form, self.encoding, self.networks = form, encoding, networks
         self.hidden_size, self.lr = hidden_size, lr
         self.nets = UpdateNetworks()
@@ -320,3 +322,25 @@ class AdamUpdate(SGDUpdate):
             m_hat, v_hat = m / (1 - b1 ** (k + 1)), v / (1 - b2 ** (k + 1))
             out.append(p.detach() - lr * m_hat / (v_hat.sqrt() + self.eps))
         return out[0], out[1].clamp(*LOG_SCALE_RANGE)
+
+
+UPDATES = FORMS + ("sgd", "adam")
+
+
+def update_rule(update, encoding, encode_observation: bool, networks: str, hidden_size: int, lr: float,
+                lr_decay: float):  # fmt: skip
+    """The update rule for :class:`~pyro_avf.IterativeGuide`'s options: a rule object as it is, or the rule
+    that a string names (``"highway"``, ``"residual"``, ``"learned_sgd"``, ``"sgd"``, ``"adam"``)."""
+    if not isinstance(update, str):
+        if not (callable(update) and callable(getattr(update, "start", None))):
+            raise TypeError(f"update must be one of {UPDATES} or a rule with start() and __call__, got {update!r}")
+        return update
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    if update == "sgd":
+        return SGDUpdate(lr, lr_decay)
+    if update == "adam":
+        return AdamUpdate(lr, lr_decay)
+    if isinstance(encoding, str):
+        encoding = Encoding(encoding, encode_observation)
+    return LearnedUpdate(update, encoding, networks, hidden_size, lr)

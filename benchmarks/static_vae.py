@@ -103,7 +103,8 @@ def make_guide(vae: VAE, encoding, args) -> Tuple[Callable, object, int]:
     if encoding is None:
         encoder = DirectEncoder(args.z_dim, encoder_hidden_for(num_parameters(ref), args.z_dim), vae.x_dim)
         return encoder, Trace_ELBO(), num_parameters(encoder)
-    guide = IterativeGuide(vae.model, args.iterations, encoding=encoding, hidden_size=args.update_hidden)
+    guide = IterativeGuide(vae.model, args.iterations, encoding=encoding, encode_observation=False,
+                           hidden_size=args.update_hidden)
     return guide, AmortizedFilteringELBO(), num_parameters(ref)
 
 

@@ -205,7 +205,7 @@ class StepRun(Messenger):
     def observed_values(self, batch_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
         """Every observed value of the step, flattened per batch element and joined (dtype and device of
         ``like``)."""
-        parts = [flatten_to(rec.value.to(like), batch_shape, rec.name) for rec in self.observations]
+        parts = [flatten_to(_full(rec.value, rec.fn).to(like), batch_shape, rec.name) for rec in self.observations]
         return torch.cat(parts, -1) if parts else like.new_zeros(batch_shape + (0,))
 
 
@@ -345,6 +345,12 @@ def _grads(loss: torch.Tensor, params: List[torch.Tensor], retain_graph: bool = 
         return [torch.zeros_like(p) for p in params]
     grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def _full(value: torch.Tensor, fn) -> torch.Tensor:
+    """``value`` broadcast to its distribution's batch and event shape (data need not repeat outer plates
+    such as vectorised particles)."""
+    return value.expand(torch.broadcast_shapes(value.shape, fn.batch_shape + fn.event_shape))
 
 
 def _shapes(tree) -> list:

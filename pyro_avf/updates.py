@@ -17,9 +17,13 @@ variational filtering EM of AVF Algorithm 1.
   - ``"highway"`` (gated output): :math:`\lambda \leftarrow g \odot \lambda + (1 - g) \odot \Delta`;
   - ``"residual"`` (gated residual, zero-initialised so that an untrained network keeps the prior):
     :math:`\lambda \leftarrow \lambda + (1 - g) \odot \Delta`;
-  - ``"learned_sgd"``: :math:`\lambda \leftarrow \lambda - \eta \odot \nabla_\lambda F + \Delta`, with a
-    learned positive step per dimension and state, :math:`\eta = \mathrm{softplus}(b + W h)` (W and Δ start
-    at 0: an untrained network is SGD with step ``init_lr``); no gate holds λ near its start.
+  - ``"learned_sgd"``: a learned natural-gradient step
+    :math:`\lambda \leftarrow \lambda - \eta \odot \mathcal{I}^{-1} \nabla_\lambda F + \Delta`, with
+    :math:`\mathcal{I}^{-1} = (\sigma^2, \tfrac12)` the inverse Fisher information of
+    :math:`\mathcal{N}(\mu, \sigma^2)` in :math:`(\mu, \log\sigma)` (so the step does not depend on the
+    scale of the latent or of the gradient) and a learned positive step per dimension and state,
+    :math:`\eta = \mathrm{softplus}(b + W h)`. W and Δ start at 0: an untrained network is natural-gradient
+    descent with step ``init_lr``; no gate holds λ near its start.
 
   All inputs are detached: no second-order gradients.
 * :class:`SGDUpdate`, :class:`AdamUpdate` — a few optimiser steps per time step, from the prior.
@@ -171,9 +175,9 @@ class UpdateNetwork(nn.Module):
             new = g * lam_cat + (1 - g) * delta
         elif self.form == "residual":
             new = lam_cat + (1 - torch.sigmoid(self.out_gate(h))) * delta
-        else:
-            grad_cat = torch.cat([grads[0], grads[1]], -1).detach()
-            new = lam_cat - F.softplus(self.raw_lr + self.step_size(h)) * grad_cat + delta
+        else:  # a natural-gradient step: the Fisher information of N(μ, σ²) is 1/σ² for μ and 2 for log σ
+            natural = torch.cat([grads[0] * (2 * lam[1]).exp(), grads[1] / 2], -1).detach()
+            new = lam_cat - F.softplus(self.raw_lr + self.step_size(h)) * natural + delta
         loc, log_scale = new.chunk(2, -1)
         return loc, log_scale.clamp(*LOG_SCALE_RANGE)
 

@@ -100,6 +100,8 @@ class Encoding:
 def flatten_to(x: torch.Tensor, batch_shape: torch.Size, name: str) -> torch.Tensor:
     """Reshape ``x`` to ``batch_shape + (-1,)``, broadcasting its leading dims; error if they do not align."""
     n = len(batch_shape)
+    if x.shape[:n] == batch_shape:  # the common case, on the hot path
+        return x.reshape(batch_shape + (-1,))
     try:
         aligned = x.dim() >= n and torch.broadcast_shapes(x.shape[:n], batch_shape) == batch_shape
     except RuntimeError:

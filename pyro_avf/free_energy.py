@@ -176,6 +176,8 @@ def check_observation_shape(name: str, fn, value) -> None:
     if not isinstance(value, torch.Tensor):
         return
     expected = fn.batch_shape + fn.event_shape
+    if value.shape == expected:  # the common case, on the hot path
+        return
     try:
         torch.broadcast_shapes(value.shape, expected)
         fits = not fn.event_shape or value.shape[value.dim() - len(fn.event_shape) :] == fn.event_shape

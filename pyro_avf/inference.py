@@ -350,7 +350,8 @@ def _grads(loss: torch.Tensor, params: List[torch.Tensor], retain_graph: bool = 
 def _full(value: torch.Tensor, fn) -> torch.Tensor:
     """``value`` broadcast to its distribution's batch and event shape (data need not repeat outer plates
     such as vectorised particles)."""
-    return value.expand(torch.broadcast_shapes(value.shape, fn.batch_shape + fn.event_shape))
+    shape = fn.batch_shape + fn.event_shape
+    return value if value.shape == shape else value.expand(torch.broadcast_shapes(value.shape, shape))
 
 
 def _shapes(tree) -> list:

@@ -111,6 +111,21 @@ def _has_plate_shape(fn, frames) -> bool:
     return all(f.dim is None or f.size == -1 or (len(shape) >= -f.dim and shape[f.dim] == f.size) for f in frames)
 
 
+def slot_lambda(lambdas: Optional[List[Lambda]], i: int, name: str, prior, leaf: bool = False) -> Lambda:
+    """λ of latent slot ``i``: ``lambdas[i]``, or the prior's moments in the unconstrained space when
+    ``lambdas`` is None (iteration 0, or K = 0), as leaves that require grad if ``leaf``."""
+    if lambdas is None:
+        loc, scale = unconstrained_moments(prior)
+        log_scale = scale.log()
+        return (loc.requires_grad_(), log_scale.requires_grad_()) if leaf else (loc, log_scale)
+    if i < len(lambdas):
+        return lambdas[i]
+    raise RuntimeError(
+        f"pyro_avf: latent site '{name}' is latent slot {i} of a step whose inference found {len(lambdas)}; a "
+        "filtering step must sample the same latent sites every time it runs."
+    )
+
+
 class LatentRecord(NamedTuple):
     name: str
     prior: object
@@ -158,17 +173,7 @@ class StepRun(Messenger):
             self.observations.append(ObservedRecord(name, fn, msg["value"]))
             return
         check_continuous_latent(name, fn)
-        i = len(self.latents)
-        if self.lambdas is None:
-            loc, scale = unconstrained_moments(fn)
-            lam = (loc.requires_grad_(), scale.log().requires_grad_())
-        elif i < len(self.lambdas):
-            lam = self.lambdas[i]
-        else:
-            raise RuntimeError(
-                f"pyro_avf: the step produced more latent sites than on its first run (extra site '{name}'); "
-                "a filtering step must sample the same latent sites every time it runs."
-            )
+        lam = slot_lambda(self.lambdas, len(self.latents), name, fn, leaf=True)
         q = posterior(lam[0], lam[1], fn)
         z = q.rsample()
         msg["value"], msg["done"] = z, True
@@ -374,17 +379,7 @@ class FinalRun:
 
     def next_posterior(self, name: str, prior):
         """The posterior of the next latent site of the step and its λ (the prior's, when K = 0)."""
-        i = len(self.latent_names)
-        if self.lambdas is None:
-            loc, scale = unconstrained_moments(prior)
-            lam = (loc, scale.log())
-        elif i < len(self.lambdas):
-            lam = self.lambdas[i]
-        else:
-            raise RuntimeError(
-                f"pyro_avf: latent site '{name}' appeared in the final run of a step but not while inferring "
-                "it; a filtering step must sample the same latent sites every time it runs."
-            )
+        lam = slot_lambda(self.lambdas, len(self.latent_names), name, prior)
         self.latent_names.append(name)
         return posterior(lam[0], lam[1], prior), lam
 

@@ -234,7 +234,6 @@ class StepResult:
     reconstruction: List[torch.Tensor] = field(default_factory=list)
     surrogate: Optional[torch.Tensor] = None
     executions: int = 0
-    slots: List[LatentRecord] = field(default_factory=list)
     final_terms: Optional[Terms] = None
 
     def record(self, runs: List[StepRun], lambdas: List[Lambda]) -> None:
@@ -318,8 +317,7 @@ class StepInference:
             runs = [self._run(result, fn, args, kwargs, ctx, leaves, kl_weight)]
             if leaves is None:
                 leaves = current = runs[0].initial_lambdas
-                result.slots = list(runs[0].latents)
-                for i, rec in enumerate(result.slots):
+                for i, rec in enumerate(runs[0].latents):
                     self.check_slot(i, rec.name, rec.lam[0], rec.prior)
                 state = self.update.start(leaves)
             runs += [self._run(result, fn, args, kwargs, ctx, leaves, kl_weight) for _ in range(self.num_samples - 1)]

@@ -62,7 +62,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.utils._pytree import tree_map
 
 from pyro_avf.guide import IterativeGuide
-from pyro_avf.inference import Lambda
+from pyro_avf.inference import Lambda, detached
 from pyro_avf.posterior import posterior
 
 
@@ -192,7 +192,7 @@ class OnlineFilter:
                 f"pyro_avf: model.step() must call a @pyro_avf.filtering_step function exactly once, it called "
                 f"{calls}."
             )
-        self.state = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, self.state)
+        self.state = detached(self.state)
         run = record.last_run
         lambdas = [rec.lam for rec in run.latents]
         self._last = (before, args, kwargs, lambdas)

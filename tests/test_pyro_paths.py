@@ -33,11 +33,16 @@ def readme_step(t, z_prev, x_t):
     return z
 
 
-def readme_model(xs):
+def run_steps(step, xs):
+    """A sequence model: ``step`` once per time step of ``xs`` (sequences, time, dim), from z = 0."""
     with pyro.plate("sequences", xs.size(0)):
         z = xs.new_zeros(xs.size(0), xs.size(2))
         for t in pyro.markov(range(xs.size(1))):
-            z = readme_step(t, z, xs[:, t])
+            z = step(t, z, xs[:, t])
+
+
+def readme_model(xs):
+    run_steps(readme_step, xs)
 
 
 def data(B=4, T=5, D=2, seed=1, dtype=torch.float32, device="cpu"):
@@ -373,10 +378,7 @@ def double_step(t, z_prev, x_t):
 
 
 def double_model(xs):
-    with pyro.plate("sequences", xs.size(0)):
-        z = xs.new_zeros(xs.size(0), xs.size(2))
-        for t in pyro.markov(range(xs.size(1))):
-            z = double_step(t, z, xs[:, t])
+    run_steps(double_step, xs)
 
 
 def double_readme():

@@ -16,6 +16,7 @@ setup(
         "pandas>=1.5",
         "matplotlib>=3.6",
         "tqdm>=4.60",
+        "pooch>=1.6",
     ],
     extras_require={
         "video": ["imageio>=2.30", "imageio-ffmpeg>=0.4"],

@@ -249,7 +249,10 @@ def parse_example(data: bytes) -> dict[str, list[bytes] | np.ndarray]:
             key, feature = None, memoryview(b"")
             for en, ew, ev in _fields(entry):
                 if en == 1 and ew == 2:
-                    key = bytes(ev).decode("utf-8")
+                    try:
+                        key = bytes(ev).decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise TFRecordError(f"feature key {bytes(ev)[:40]!r} is not UTF-8 (corrupt Example)") from None
                 elif en == 2 and ew == 2:
                     feature = ev
             if key is None:

@@ -10,6 +10,11 @@ A data file is looked for, in order, in
 In a folder the file may sit directly or in a named sub-folder (``polyphonic/``, ``mnist/``), so that
 ``PYRO_AVF_DATA`` can point at a copy of the project's ``shared/data`` folder. Every file found (or
 downloaded) has its SHA-256 digest compared with the known one; a mismatch raises :class:`ChecksumError`.
+
+Downloads go through `pooch <https://www.fatiando.org/pooch>`_ (``pooch.retrieve``: a temporary file in the
+cache folder, its SHA-256 checked before it is renamed into place, a progress bar; http(s), ftp, sftp and DOI
+addresses), plus ``file://`` addresses of a local mirror. The lookup in the folders above stays here, since
+pooch knows one cache folder only.
 """
 
 from __future__ import annotations
@@ -17,12 +22,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Optional, Sequence, Union
-
-from tqdm.auto import tqdm
+from typing import Any, Callable, Optional, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -38,9 +40,27 @@ class ChecksumError(ValueError):
         self.expected = expected
         self.actual = actual
         super().__init__(
-            f"SHA-256 mismatch for data file {self.path}: expected {expected}, got {actual}. "
+            f"SHA-256 mismatch for data file {os.fspath(path)}: expected {expected}, got {actual}. "
             "The file is corrupt, truncated or a different version; delete it and fetch it again."
         )
+
+
+class DataFileNotFoundError(FileNotFoundError):
+    """A data file is in none of the places looked in (and was not downloaded).
+
+    Its attributes: ``data_file``, the file's name (not ``filename``, which ``OSError`` would print in place
+    of the message); ``places``, the paths looked at; ``url``, its public address or ``None``.
+    """
+
+    def __init__(self, filename: str, places: Sequence[Path], url: Optional[str]) -> None:
+        self.data_file, self.places, self.url = filename, list(places), url
+        hint = (
+            f"; pass download=True to fetch it from {url}"
+            if url
+            else f"; put it in a folder and pass path=, or set {DATA_ENV_VAR}"
+        )
+        where = ", ".join(str(p) for p in self.places)
+        super().__init__(f"data file {filename} not found (looked in: {where}){hint}")
 
 
 def sha256_of(path: PathLike) -> str:
@@ -90,34 +110,36 @@ def _candidates(folder: Path, names: Sequence[str], subdir: Optional[str]) -> li
     return found
 
 
-def download_file(url: str, dest: PathLike, sha256: str, progress: bool = True) -> Path:
-    """Download ``url`` to ``dest`` through a temporary file, with a progress bar; check the digest first.
+def _copy_file_url(url: str, output_file: str, pooch: Any = None, check_only: bool = False) -> None:
+    """A pooch downloader for ``file://`` addresses (a local mirror), which pooch itself does not read."""
+    with urllib.request.urlopen(url) as source, open(output_file, "wb") as out:
+        shutil.copyfileobj(source, out, _CHUNK)
 
-    Nothing is left at ``dest`` when the download fails or the digest differs (:class:`ChecksumError`).
+
+def download_file(url: str, dest: PathLike, sha256: str, progress: bool = True) -> Path:
+    """Download ``url`` to ``dest`` with ``pooch.retrieve`` (through a temporary file, with a progress bar) and
+    check its SHA-256 before it takes the name ``dest``.
+
+    Nothing is left at ``dest`` when the download fails or the digest differs (:class:`ChecksumError`). A ``dest``
+    that already holds the right file is not downloaded again.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    import pooch  # imported here: only downloads need it
+
+    dest, expected = Path(dest), sha256.lower()
+    digests: list[str] = []
+
+    def fetch(url: str, output_file: str, pooch_: Any, check_only: bool = False) -> None:
+        local = url.startswith("file:")
+        inner: Callable[..., Any] = _copy_file_url if local else pooch.downloaders.choose_downloader(url, progress)
+        inner(url, output_file, pooch_)
+        digests.append(sha256_of(output_file))  # what pooch compares, for the ChecksumError below
+
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = response.headers.get("Content-Length")
-            with tqdm(
-                total=int(total) if total else None,
-                unit="B",
-                unit_scale=True,
-                desc=dest.name,
-                disable=not progress,
-            ) as bar:
-                for chunk in iter(lambda: response.read(_CHUNK), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        actual = sha256_of(tmp)
-        if actual != sha256.lower():
-            raise ChecksumError(url, sha256.lower(), actual)
-        shutil.move(str(tmp), str(dest))
-    finally:
-        tmp.unlink(missing_ok=True)
+        pooch.retrieve(url, f"sha256:{expected}", fname=dest.name, path=dest.parent, downloader=fetch)
+    except ValueError:
+        if digests and digests[-1] != expected:
+            raise ChecksumError(url, expected, digests[-1]) from None
+        raise
     return dest
 
 
@@ -142,7 +164,7 @@ def find_data_file(
     :param subdir: sub-folder name the file may sit in inside a data folder (e.g. ``"polyphonic"``).
     :param progress: show a progress bar while downloading.
     :param aliases: other names the same file may have in a user's folder (e.g. its name at the source).
-    :raises FileNotFoundError: naming every place looked in, when the file is nowhere.
+    :raises DataFileNotFoundError: (a ``FileNotFoundError``) naming every place looked in, when the file is nowhere.
     :raises ChecksumError: when the first file found has another digest.
     """
     names = [filename, *aliases]
@@ -164,10 +186,4 @@ def find_data_file(
             return verify_sha256(candidate, sha256)
     if url is not None and download:
         return download_file(url, cached, sha256, progress=progress)
-    places = ", ".join(str(p) for p in looked)
-    hint = (
-        f"; pass download=True to fetch it from {url}"
-        if url
-        else f"; put it in a folder and pass path=, or set {DATA_ENV_VAR}"
-    )
-    raise FileNotFoundError(f"data file {filename} not found (looked in: {places}){hint}")
+    raise DataFileNotFoundError(filename, looked, url)

@@ -12,6 +12,7 @@ binary): ``pip install imageio imageio-ffmpeg``.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from data_loaders.files import PathLike
+from pyro_avf.run_folder import atomic_write
 
 __all__ = ["ACTIONS", "SPLITS", "KTHDataset", "KTHVideo", "list_videos", "preprocess_frames", "read_video"]
 
@@ -31,6 +33,7 @@ SPLITS = {
     "valid": (19, 20, 21, 23, 24, 25, 1, 4),
     "test": (22, 2, 3, 5, 6, 7, 8, 9, 10),
 }
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^person(\d{2})_([a-z]+)_d([1-4])_uncomp\.avi$")
 _INSTALL_HINT = "reading KTH .avi files needs the optional packages imageio and imageio-ffmpeg: " + (
     "pip install imageio imageio-ffmpeg"
@@ -131,7 +134,9 @@ class KTHDataset(Dataset):
     ``stride`` frames (default: ``clip_length``, non-overlapping); a video of ``N`` frames gives
     ``floor((N - clip_length) / stride) + 1`` clips (none when shorter than a clip). All videos of the
     split are decoded once, when the data set is built; with ``cache_dir`` the decoded frames are saved as
-    ``.npy`` files and reused (loaded with ``allow_pickle=False``).
+    ``.npy`` files and reused (loaded with ``allow_pickle=False``). A cache file is written atomically
+    (:func:`pyro_avf.run_folder.atomic_write`); one that cannot be read (e.g. truncated) is decoded and written
+    again, with a warning naming it.
     """
 
     def __init__(
@@ -166,12 +171,17 @@ class KTHDataset(Dataset):
         crop = "crop" if center_crop else "squash"
         cached = Path(cache_dir) / f"{video.path.stem}_{frame_size}_{crop}.npy"
         if cached.is_file():
-            frames = np.load(cached, allow_pickle=False)
-            if frames.dtype == np.uint8 and frames.ndim == 3 and frames.shape[1:] == (frame_size, frame_size):
-                return frames
+            try:
+                frames = np.load(cached, allow_pickle=False)
+            except (ValueError, EOFError, OSError) as err:  # truncated (a kill while caching, before atomic writes)
+                log.warning("%s: unreadable cache file (%s); decoding %s again", cached, err, video.path)
+            else:
+                if frames.dtype == np.uint8 and frames.ndim == 3 and frames.shape[1:] == (frame_size, frame_size):
+                    return frames
         frames = read_video(video.path, frame_size, center_crop)
         cached.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cached, frames, allow_pickle=False)
+        with atomic_write(cached) as f:  # a kill while caching leaves the old file or none, never half of one
+            np.save(f, frames, allow_pickle=False)
         return frames
 
     def __len__(self) -> int:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import re
+import struct
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -130,11 +132,21 @@ def read_sphere(path: PathLike) -> tuple[np.ndarray, int]:
 
 
 def read_wav(path: PathLike) -> tuple[np.ndarray, int]:
-    """Samples (int16, mono) and sample rate of a 16-bit PCM RIFF WAV file (``scipy.io.wavfile``)."""
-    try:
-        rate, samples = scipy.io.wavfile.read(path)
-    except ValueError as err:
-        raise ValueError(f"{path}: unreadable WAV file ({err})") from err
+    """Samples (int16, mono) and sample rate of a 16-bit PCM RIFF WAV file (``scipy.io.wavfile``).
+
+    :raises ValueError: naming the file, when it is unreadable or shorter than its header says (scipy only
+        warns, without the file's name, and returns the samples that are there).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", scipy.io.wavfile.WavFileWarning)
+        try:
+            rate, samples = scipy.io.wavfile.read(path)
+        except (ValueError, EOFError, struct.error) as err:
+            raise ValueError(f"{path}: unreadable WAV file ({err})") from err
+    for warning in caught:
+        if "EOF" in str(warning.message):
+            raise ValueError(f"{path}: truncated WAV file ({warning.message})")
+        warnings.warn(f"{path}: {warning.message}", warning.category, stacklevel=2)
     if samples.dtype != np.int16 or samples.ndim != 1:
         raise ValueError(f"{path}: WAV holds {samples.dtype} audio of shape {samples.shape}; expected mono int16")
     return samples, int(rate)

@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from pyro_avf.run_folder import atomic_write
+
 __all__ = [
     "mean_free_energy_per_iteration",
     "plot_free_energy_per_iteration",
@@ -29,10 +31,12 @@ PathLike = Union[str, Path]
 
 
 def _save(fig, path: PathLike) -> Path:
+    """Write the figure atomically (:func:`~pyro_avf.run_folder.atomic_write`), in the format of the suffix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=100, format=path.suffix.lstrip(".") or "png")
     return path
 
 

@@ -25,7 +25,19 @@ through :class:`~pyro_avf.online.OnlineFilter` over :class:`~pyro_avf.models.srn
 filter step by step too, so memory stays flat in the song's length; VRNN and DMM use
 :func:`pyro_avf.evaluation.filtering_free_energy`.
 
-``--out-dir`` (default ``runs/<model>_<dataset>_<inference>``) receives ``checkpoint.pt`` (after every epoch:
+Data: ``--data-dir``, ``$PYRO_AVF_DATA`` and the user cache are looked in (:mod:`data_loaders.files`);
+``--download`` fetches a file found nowhere. A missing or corrupt data file (or checkpoint) ends the command
+with one line naming it and what to do, before anything is written.
+
+Run folders (:mod:`pyro_avf.run_folder`): ``--out-dir`` (default
+``runs/<model>-<dataset>-<inference>-k<iterations>-seed<seed>-<hash8>``, no ``-k`` for the baseline, the hash
+that of the settings that change the results, :func:`run_config`) holds one run. A second run with the same
+settings refuses to touch it unless given ``--resume`` (continue it; the settings in its ``config.json`` must
+match) or ``--overwrite`` (replace it); a run holds an exclusive lock on the folder (``.lock``) while it lives,
+so two runs never write into one folder; every file is written to a temporary file and renamed into place, so a
+killed run leaves whole files only (and the next run in the folder removes its temporary files). At the end
+the command prints the folder and the final test free energy.
+The folder receives ``config.json``, ``checkpoint.pt`` (after every epoch:
 state dicts, optimizer and scheduler state, epoch, RNG states, all plain tensors and containers for
 ``torch.load(weights_only=True)``), ``results.csv`` (one row per evaluation: model, dataset, inference,
 iterations, epoch, ``wall_time_s`` (cumulative training time, evaluation excluded), ``train_loss_per_step`` (the
@@ -52,9 +64,10 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -69,7 +82,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from data_loaders.files import default_data_dir
+from data_loaders.files import ChecksumError, DataFileNotFoundError, default_data_dir
 from data_loaders.polyphonic import POLYPHONIC_DATASETS, RandomCropDataset, collate_sequences, load_polyphonic
 from pyro_avf import plots
 from pyro_avf.elbo import AmortizedFilteringELBO
@@ -79,6 +92,7 @@ from pyro_avf.models.dmm import DMM
 from pyro_avf.models.srnn import SRNN, SRNNStream
 from pyro_avf.models.vrnn import VRNN
 from pyro_avf.online import OnlineFilter
+from pyro_avf.run_folder import RunFolder, RunFolderError, atomic_write, config_digest
 
 log = logging.getLogger("pyro_avf.train")
 
@@ -87,9 +101,17 @@ INFERENCES = ("avf", "baseline", "em", "autonormal")
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"  # the parameters with the lowest validation free energy (--valid-every)
 RESULTS = "results.csv"
+CURVES_PNG = "training_curves.png"
+PER_ITERATION_PNG = "free_energy_per_iteration.png"
+PIANO_ROLL_PNG = "piano_roll.png"
+OUTPUTS = (CHECKPOINT, BEST, RESULTS, CURVES_PNG, PER_ITERATION_PNG, PIANO_ROLL_PNG)  # any of them: a run is there
 CHECKPOINT_VERSION = 1
 # options that fix the shapes of the parameters: a checkpoint only resumes a run with the same values
 STRUCTURE = ("model", "dataset", "inference", "iterations", "update", "z_dim", "model_size", "hidden_size")
+# options that do not change what a run computes: where it reads and writes, how fast, and where this invocation
+# stops (a run is resumed with a larger --epochs or another --max-minutes); every other option is in run_config
+NOT_CONFIG = ("data_dir", "download", "out_dir", "resume", "overwrite", "threads", "max_minutes", "epochs",
+              "no_plots", "simulate_kill_after")  # fmt: skip
 
 
 class SimulatedKill(SystemExit):
@@ -101,10 +123,20 @@ class SimulatedKill(SystemExit):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pyro_avf.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=MODELS, default="srnn")
-    p.add_argument("--dataset", choices=sorted(POLYPHONIC_DATASETS), default="jsb_chorales")
-    p.add_argument("--data-dir", default=None, help="folder holding the data files (default: the shared data)")
+    """The command line; ``--help`` shows every option's default."""
+    p = argparse.ArgumentParser(prog="python -m pyro_avf.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--model", choices=MODELS, default="srnn", help="sequence model")
+    p.add_argument("--dataset", choices=sorted(POLYPHONIC_DATASETS), default="jsb_chorales", help="music data set")
+    p.add_argument(
+        "--data-dir", default=None,
+        help="folder holding the data files (None: $PYRO_AVF_DATA, else the project's shared data); the user cache "
+        "~/.cache/pyro_avf is looked in too",
+    )  # fmt: skip
+    p.add_argument(
+        "--download", action="store_true",
+        help="fetch data files found nowhere from their public sources into the user cache, checking their SHA-256",
+    )  # fmt: skip
     p.add_argument(
         "--inference",
         choices=INFERENCES,
@@ -119,36 +151,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=1024, help="units per layer of the update networks")
     p.add_argument("--encode-observation", action="store_true", help="AVF: also feed x_t to the update network")
     p.add_argument("--inference-lr", type=float, default=0.1, help="step size of the em inference optimiser")
-    p.add_argument("--z-dim", type=int, default=None, help="latent size (default: the model's music size)")
-    p.add_argument("--model-size", type=int, default=None, help="width of every other model layer (tiny runs)")
-    p.add_argument("--epochs", type=int, default=800)
+    p.add_argument("--z-dim", type=int, default=None, help="latent size (None: the model's music size)")
+    p.add_argument("--model-size", type=int, default=None, help="width of every other model layer (None: the music "
+                   "sizes; small values for tiny runs)")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=800, help="train until this many epochs are done")
     p.add_argument("--batch-size", type=int, default=16, help="global batch, split over the ranks")
-    p.add_argument("--crop-length", type=int, default=25)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--crop-length", type=int, default=25, help="steps per random training crop")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the first epoch")
     p.add_argument("--lr-decay", type=float, default=0.999, help="learning-rate factor per epoch")
     p.add_argument("--clip-norm", type=float, default=10.0, help="element-wise gradient clipping (ClippedAdam)")
     p.add_argument("--kl-anneal-epochs", type=int, default=50, help="β rises linearly to 1 over these epochs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of this invocation")
-    p.add_argument("--max-train-batches", type=int, default=None, help="cap on training batches per epoch")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the parameters, crops and noise")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (None: torch's choice)")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of this invocation "
+                   "(None: no limit)")  # fmt: skip
+    p.add_argument("--max-train-batches", type=int, default=None, help="cap on training batches per epoch "
+                   "(None: all)")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=10, help="evaluate every this many epochs (and at the end)")
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--max-eval-songs", type=int, default=None, help="evaluate on the first N test songs only")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="test songs per evaluation batch")
+    p.add_argument("--max-eval-songs", type=int, default=None, help="evaluate on the first N test songs only "
+                   "(None: all)")  # fmt: skip
     p.add_argument(
         "--valid-every", type=int, default=0,
         help="early stopping: score the validation songs every this many epochs, keep the best parameters and "
         "report the test free energy of those (0: off, the last parameters are tested)",
     )  # fmt: skip
-    p.add_argument("--max-valid-songs", type=int, default=None, help="validate on the first N validation songs only")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--out-dir", default=None, help="output folder (default: runs/<model>_<dataset>_<inference>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+    p.add_argument("--max-valid-songs", type=int, default=None, help="validate on the first N validation songs only "
+                   "(None: all)")  # fmt: skip
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.add_argument("--out-dir", default=None, help="the run folder (None: runs/<model>-<dataset>-<inference>-"
+                   "k<iterations>-seed<seed>-<hash8>, the hash that of every setting that changes the results)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the run folder from its checkpoint "
+                   "(its settings must be the same)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace the run in the run folder, deleting its "
+                   "results and checkpoints")  # fmt: skip
     p.add_argument(
         "--simulate-kill-after",
         type=int,
         default=None,
-        help="testing aid: stop abruptly (no saving) after this many training batches of this invocation",
+        help="testing aid: stop abruptly (no saving) after this many training batches of this invocation "
+        "(None: never)",
     )
     return p
 
@@ -177,6 +219,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--max-minutes must be positive, got {args.max_minutes}")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a folder")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in the folder and --overwrite replaces it: pass one of them")
     if args.inference == "autonormal":
         parser.error(
             "--inference autonormal does not make sense for these sequence models: AutoNormalMessenger keeps one "
@@ -282,6 +326,25 @@ class EpochCrops(Dataset):
         return RandomCropDataset([self.songs[index]], self.length, generator=torch.Generator().manual_seed(key))[0]
 
 
+def load_songs(args: argparse.Namespace, split: str) -> List[Tensor]:
+    """One split of ``--dataset``; a missing or corrupt data file ends the command with a one-line message that
+    names the file and what to do."""
+    data_dir = args.data_dir or default_data_dir()
+    try:
+        return load_polyphonic(args.dataset, split, path=data_dir, download=args.download)
+    except DataFileNotFoundError as err:
+        where = ", ".join(str(p) for p in err.places)
+        fetch = f"pass --download to fetch it from {err.url}, or " if err.url and not args.download else ""
+        message = f"data file {err.data_file} not found (looked in: {where}); {fetch}put it in the --data-dir folder"
+    except ChecksumError as err:
+        message = (f"data file {err.path} is corrupt, truncated or another version (its SHA-256 is {err.actual}, "
+                   f"expected {err.expected}); delete it and run again with --download, or pass --data-dir with a "
+                   "good copy")  # fmt: skip
+    except (OSError, ValueError) as err:  # a failed download, or a file that passes its checksum but not parsing
+        message = f"cannot load the {args.dataset} {split} data: {err}"
+    raise SystemExit(" ".join(message.split()))
+
+
 def eval_batches(songs: Sequence[Tensor], batch_size: int) -> List[Tuple[Tensor, Tensor]]:
     """Whole songs sorted by length (less padding), batched and padded with a mask."""
     order = sorted(range(len(songs)), key=lambda i: -songs[i].shape[0])
@@ -350,16 +413,32 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, **state) -> None:
-    """``torch.save`` to a temporary file, then an atomic rename: a kill never leaves half a checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`~pyro_avf.run_folder.atomic_write`: a kill never leaves half a checkpoint."""
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """``torch.load(path, weights_only=True)`` of a file this command wrote; a truncated or foreign file ends the
+    command with a one-line message naming it (not torch's advice to load untrusted pickles)."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, refused global, ...: all mean "not our checkpoint"
+        raise SystemExit(
+            f"{path} is not a readable checkpoint of pyro_avf.train ({type(err).__name__}: it is truncated, damaged "
+            "or another kind of file); delete it, or start the run again with --overwrite"
+        ) from None
+    if not isinstance(state, dict) or "version" not in state or "net" not in state:
+        raise SystemExit(f"{path} is not a checkpoint of pyro_avf.train (no version and parameters in it); delete "
+                         "it, or start the run again with --overwrite")  # fmt: skip
+    return state
 
 
 def load_checkpoint(path: Path, args: argparse.Namespace) -> dict:
+    """The checkpoint to resume from, checked to come from a run with the same parameter shapes."""
     if not path.is_file():
         raise SystemExit(f"--resume: no checkpoint at {path}; run without --resume to start training")
-    state = torch.load(path, weights_only=True)
+    state = read_checkpoint(path)
     if state.get("version") != CHECKPOINT_VERSION:
         raise SystemExit(
             f"--resume: {path} has checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}"
@@ -373,6 +452,20 @@ def load_checkpoint(path: Path, args: argparse.Namespace) -> dict:
 
 def structure(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in STRUCTURE}
+
+
+def run_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """The settings that change a run's results (every option but :data:`NOT_CONFIG`): the run's identity,
+    stored in ``config.json`` and hashed into the default folder name."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONFIG}
+
+
+def default_out_dir(args: argparse.Namespace) -> Path:
+    """``runs/<model>-<dataset>-<inference>-k<K>-seed<seed>-<hash8>``: a readable name and the hash of
+    :func:`run_config`, so runs with other settings never share a folder."""
+    k = f"-k{args.iterations}" if args.inference != "baseline" else ""
+    name = f"{args.model}-{args.dataset}-{args.inference}{k}-seed{args.seed}-{config_digest(run_config(args))}"
+    return Path("runs") / name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -453,7 +546,7 @@ def test_selected(run: Run, dist: Dist, seed: int) -> dict:
     """The test free energy of the parameters with the best validation score (early stopping); the training
     parameters are restored afterwards."""
     current = {k: v.clone() for k, v in run.net.state_dict().items()}
-    best = torch.load(run.out_dir / BEST, weights_only=True)
+    best = read_checkpoint(run.out_dir / BEST)
     run.net.load_state_dict(best["net"])
     try:
         result = evaluate(run.model, run.guide, run.test, dist, seed)
@@ -510,7 +603,7 @@ def prediction_and_reconstruction(model: Callable, guide: Callable, xs: Tensor, 
 
 def make_plots(out_dir: Path, results: pd.DataFrame, model: nn.Module, guide: Callable, songs, seed: int) -> None:
     """Training curves, free energy per inference iteration (IterativeGuide only) and a piano roll."""
-    plots.plot_training_curves(results, out_dir / "training_curves.png")
+    plots.plot_training_curves(results, out_dir / CURVES_PNG)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         xs, mask = eval_batches(songs[:4], 4)[0]
@@ -519,31 +612,43 @@ def make_plots(out_dir: Path, results: pd.DataFrame, model: nn.Module, guide: Ca
             elbo.loss(model.model, guide, xs, mask)
             diag = elbo.diagnostics
             plots.plot_free_energy_per_iteration(
-                diag["free_energy"], diag["observed"], out_dir / "free_energy_per_iteration.png"
+                diag["free_energy"], diag["observed"], out_dir / PER_ITERATION_PNG
             )
         one = songs[0].unsqueeze(0)
         prediction, reconstruction = prediction_and_reconstruction(
             model.model, guide, one, torch.ones(one.shape[:2], dtype=torch.bool)
         )
-    plots.plot_piano_roll(songs[0], prediction[0], reconstruction[0], out_dir / "piano_roll.png")
+    plots.plot_piano_roll(songs[0], prediction[0], reconstruction[0], out_dir / PIANO_ROLL_PNG)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training
 
 
+def read_results(path: Path) -> Optional[pd.DataFrame]:
+    """The rows of ``results.csv``; ``None`` when there is none yet (or an empty file, as a kill during a
+    non-atomic write of an older version could leave)."""
+    return pd.read_csv(path) if path.is_file() and path.stat().st_size > 0 else None
+
+
+def write_results(path: Path, results: pd.DataFrame) -> None:
+    with atomic_write(path, "w") as f:
+        results.to_csv(f, index=False)
+
+
 def append_result(path: Path, row: dict) -> pd.DataFrame:
-    frame = pd.DataFrame([row])
-    results = pd.concat([pd.read_csv(path), frame], ignore_index=True) if path.is_file() else frame
-    results.to_csv(path, index=False)
+    """Add one row to ``results.csv`` (rewritten atomically); return all rows."""
+    frame, old = pd.DataFrame([row]), read_results(path)
+    results = frame if old is None else pd.concat([old, frame], ignore_index=True)
+    write_results(path, results)
     return results
 
 
 def trim_results(path: Path, epochs_done: int) -> None:
     """Drop rows of epochs after the checkpoint (written before an interruption), so they are not repeated."""
-    if path.is_file():
-        results = pd.read_csv(path)
-        results[results["epoch"] <= epochs_done].to_csv(path, index=False)
+    results = read_results(path)
+    if results is not None:
+        write_results(path, results[results["epoch"] <= epochs_done])
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -577,15 +682,34 @@ class Run:
     best_epoch: int = 0
     wall: float = 0.0
     batches_run: int = 0  # training batches of this invocation
+    folder: Optional[RunFolder] = None  # the locked run folder (rank 0 only)
+
+
+def open_run_folder(args: argparse.Namespace, dist: Dist, out_dir: Path) -> Optional[RunFolder]:
+    """Rank 0 creates and locks the run folder (:class:`~pyro_avf.run_folder.RunFolder`); every rank learns
+    whether that worked, so a refusal ends all of them with rank 0's one-line message."""
+    folder, refusal = None, None
+    if dist.main:
+        try:
+            folder = RunFolder.open(out_dir, run_config(args), resume=args.resume, overwrite=args.overwrite,
+                                    outputs=OUTPUTS)  # fmt: skip
+        except RunFolderError as err:
+            refusal = str(err)
+    if dist.any(refusal is not None):
+        raise SystemExit(refusal or f"rank 0 could not open the run folder {out_dir}")
+    return folder
 
 
 def setup(args: argparse.Namespace, dist: Dist) -> Run:
-    """Data, model, inference, optimizer and learning-rate schedule; the checkpoint's state with ``--resume``."""
-    out_dir = Path(args.out_dir or f"runs/{args.model}_{args.dataset}_{args.inference}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = args.data_dir or default_data_dir()
-    train_songs = load_polyphonic(args.dataset, "train", path=data_dir)
-    test_songs = load_polyphonic(args.dataset, "test", path=data_dir)[: args.max_eval_songs]
+    """Data, model, inference, optimizer and learning-rate schedule; the locked run folder; the checkpoint's
+    state with ``--resume``. Nothing is written before the data are loaded, so a missing or corrupt data file
+    leaves no folder behind."""
+    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args)
+    if args.resume and not (out_dir / CHECKPOINT).is_file():
+        raise SystemExit(f"--resume: no checkpoint at {out_dir / CHECKPOINT}; run without --resume to start training")
+    train_songs = load_songs(args, "train")
+    test_songs = load_songs(args, "test")[: args.max_eval_songs]
+    valid_songs = load_songs(args, "valid")[: args.max_valid_songs] if args.valid_every else []
 
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
@@ -600,33 +724,36 @@ def setup(args: argparse.Namespace, dist: Dist) -> Run:
     loader = DataLoader(crops, batch_size=args.batch_size // dist.world, sampler=sampler, collate_fn=collate_sequences)
     n_batches = min(len(loader), args.max_train_batches or len(loader))
     test = eval_batches(test_songs, args.eval_batch_size)
-    valid = []
-    if args.valid_every:
-        valid_songs = load_polyphonic(args.dataset, "valid", path=data_dir)[: args.max_valid_songs]
-        valid = eval_batches(valid_songs, args.eval_batch_size)
+    valid = eval_batches(valid_songs, args.eval_batch_size) if valid_songs else []
     run = Run(model, guide, net, optimizer, scheduler, crops, sampler, loader, n_batches, test_songs, test, out_dir,
-              valid)  # fmt: skip
-
-    results = out_dir / RESULTS
-    if args.resume:
-        state = load_checkpoint(out_dir / CHECKPOINT, args)
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        run.start_epoch, run.wall = state["epoch"], state["wall_time"]
-        run.best_valid, run.best_epoch = state.get("best_valid", math.inf), state.get("best_epoch", 0)
-        set_rng_state(state["rng"])
-        if dist.main:
-            trim_results(results, run.start_epoch)
-        log.info("resumed from %s after epoch %d", out_dir / CHECKPOINT, run.start_epoch)
-    elif dist.main and results.is_file():
-        results.unlink()
+              valid, folder=open_run_folder(args, dist, out_dir))  # fmt: skip
+    try:
+        if args.resume:
+            resume(run, args, dist)
+    except BaseException:
+        if run.folder is not None:
+            run.folder.close()
+        raise
     log.info(
         "%s on %s with %s inference: %d train songs (%d batches/epoch), %d test songs, %d parameters, %d process(es)",
         args.model, args.dataset, args.inference, len(train_songs), n_batches, len(test_songs),
         sum(p.numel() for p in net.parameters()), dist.world,
     )  # fmt: skip
     return run
+
+
+def resume(run: Run, args: argparse.Namespace, dist: Dist) -> None:
+    """Restore the state of ``<out-dir>/checkpoint.pt`` and drop the result rows written after it."""
+    state = load_checkpoint(run.out_dir / CHECKPOINT, args)
+    run.net.load_state_dict(state["net"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.start_epoch, run.wall = state["epoch"], state["wall_time"]
+    run.best_valid, run.best_epoch = state.get("best_valid", math.inf), state.get("best_epoch", 0)
+    set_rng_state(state["rng"])
+    if dist.main:
+        trim_results(run.out_dir / RESULTS, run.start_epoch)
+    log.info("resumed from %s after epoch %d", run.out_dir / CHECKPOINT, run.start_epoch)
 
 
 def train_epoch(
@@ -664,6 +791,16 @@ def _train(args: argparse.Namespace, dist: Dist) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = setup(args, dist)
+    with run.folder or nullcontext():  # the lock is held until the run ends, however it ends
+        row = train_loop(run, args, dist)
+    if dist.main and row:
+        print(f"results in {run.out_dir}: test free energy {row['test_free_energy_per_step']:.4f} nats/step "
+              f"(epoch {row['epoch']})", flush=True)  # fmt: skip
+    return row
+
+
+def train_loop(run: Run, args: argparse.Namespace, dist: Dist) -> dict:
+    """The epochs from the checkpoint's (or the first) to ``--epochs``; returns the last evaluation's row."""
     ddp = nn.parallel.DistributedDataParallel(run.net) if dist.world > 1 else run.net
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
     row: dict = {}

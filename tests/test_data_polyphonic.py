@@ -294,3 +294,25 @@ def test_download_with_wrong_digest_leaves_nothing(tmp_path):
 def test_default_data_dir_is_shared_folder():
     _needs_data()
     assert default_data_dir().resolve() == DATA.resolve()
+
+
+def test_https_download_goes_through_pooch_and_checks_the_digest(tmp_path, monkeypatch):
+    """Offline: pooch's HTTP downloader is replaced by one that serves the payload and records the address."""
+    import pooch
+
+    source, digest = _payload(tmp_path)
+    requested = []
+
+    def serve(self, url, output_file, pooch_, check_only=False):
+        requested.append(url)
+        Path(output_file).write_bytes(source.read_bytes())
+
+    monkeypatch.setattr(pooch.HTTPDownloader, "__call__", serve)
+    url = "https://example.invalid/data/notes.bin"
+    got = find_data_file("notes.bin", digest, url=url, download=True, subdir="x", progress=False)
+    assert got == tmp_path / "cache" / "pyro_avf" / "x" / "notes.bin" and got.read_bytes() == source.read_bytes()
+    assert requested == [url]
+    assert find_data_file("notes.bin", digest, url=url, download=True, subdir="x") == got and requested == [url]
+    with pytest.raises(ChecksumError, match=f"data file {url}: expected {'0' * 64}, got {digest}"):
+        find_data_file("other.bin", "0" * 64, url=url, download=True, subdir="x", progress=False)
+    assert sorted(p.name for p in got.parent.iterdir()) == ["notes.bin"]  # nothing of the bad download is left

@@ -186,3 +186,15 @@ def test_refused_sphere_contents(tmp_path):
     scipy.io.wavfile.write(path, 16000, np.zeros((100, 2), np.int16))
     with pytest.raises(ValueError, match="expected mono int16"):
         read_audio(path)
+
+
+def test_truncated_wav_is_an_error_naming_the_file(corpus):
+    """scipy only warns (without the file's name) and returns the samples that are there."""
+    root, _ = corpus
+    bad = root / "TRAIN" / "dr2" / "mdab0" / "si1.wav"
+    bad.write_bytes(bad.read_bytes()[:10_000])  # the header announces 24,150 samples
+    with pytest.raises(ValueError, match=r"mdab0/si1\.wav: truncated WAV file \(Reached EOF prematurely"):
+        load_timit(root, "train")
+    bad.write_bytes(bad.read_bytes()[:30])  # not even a whole header
+    with pytest.raises(ValueError, match=r"si1\.wav: unreadable WAV file"):
+        read_audio(bad)

@@ -3,6 +3,7 @@ in the layout a user downloads."""
 
 import hashlib
 import math
+import os
 import struct
 import sys
 from pathlib import Path
@@ -329,3 +330,36 @@ def test_bair_refuses_corrupt_files(bair_root):
         list(bair.iter_tfrecord(path))
     with pytest.raises(bair.TFRecordError, match="beyond the end"):
         bair.parse_example(_field(1, b"\x0a\xff\x01abc"))
+
+
+def test_kth_cache_is_written_atomically_and_a_truncated_one_rebuilt(kth_root, tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "cache"
+    first = kth.KTHDataset(kth_root, "valid", clip_length=20, cache_dir=cache)
+    files = sorted(cache.glob("*.npy"))
+    assert len(files) == 2 and not list(cache.glob("*.tmp"))
+    whole = files[0].read_bytes()
+    files[0].write_bytes(whole[: len(whole) // 2])  # what a kill while caching used to leave
+    with caplog.at_level("WARNING", logger="data_loaders.kth"):
+        again = kth.KTHDataset(kth_root, "valid", clip_length=20, cache_dir=cache)
+    assert str(files[0]) in caplog.text and "decoding" in caplog.text
+    torch.testing.assert_close(again[0], first[0])
+    assert files[0].read_bytes() == whole  # rebuilt, whole
+
+    files[0].unlink()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # as if the process were stopped between writing and renaming
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        kth.KTHDataset(kth_root, "valid", clip_length=20, cache_dir=cache)
+    assert sorted(p.name for p in cache.iterdir()) == [files[1].name]  # no half file, no temporary file
+
+
+def test_bair_non_utf8_feature_key_is_an_error_naming_the_file(bair_root):
+    root, _ = bair_root
+    path = root / "softmotion30_44k" / "train" / "traj_0_to_1.tfrecords"
+    feature = _field(1, _field(1, b"\x00" * 10))
+    _write_tfrecord(path, [_field(1, _field(1, _field(1, b"0/image_aux1/\xff\xfe") + _field(2, feature)))])
+    with pytest.raises(bair.TFRecordError, match=r"traj_0_to_1\.tfrecords, record 0: feature key .* is not UTF-8"):
+        bair.BAIRDataset(root)[0]

@@ -1,9 +1,15 @@
 """The training command line on real JSB chorales at tiny sizes: end-to-end runs writing checkpoint, CSV and
 plots; resuming an interrupted run reproduces the uninterrupted one; two DDP processes train to the same
-parameters as one process on the same global batch; bad arguments fail with messages naming the option."""
+parameters as one process on the same global batch; bad arguments fail with messages naming the option; run
+folders are named by their settings, locked, written atomically and never overwritten silently; bad
+checkpoints and data files end the command with one line naming them."""
 
+import json
 import os
+import signal
 import socket
+import struct
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +17,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from data_loaders import polyphonic
 from pyro_avf import train
+from pyro_avf.run_folder import RunFolder, atomic_write, config_digest
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 TINY = (
@@ -127,6 +135,7 @@ def test_two_ddp_processes_match_one_process_on_the_same_global_batch(tmp_path, 
         (["--inference", "autonormal"], "--inference autonormal does not make sense"),
         (["--model", "lstm"], "invalid choice: 'lstm'"),
         (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder is not a folder"),
+        (["--resume", "--overwrite"], "--resume continues the run in the folder and --overwrite replaces it"),
     ],
 )
 def test_bad_arguments_exit_with_a_message_naming_the_option(tmp_path, capsys, options, message):
@@ -210,3 +219,180 @@ def test_early_stopping_tests_the_parameters_with_the_best_validation_score(tmp_
     same_epoch = results.loc[results["epoch"] == best["epoch"], "test_free_energy_per_step"].iloc[0]
     assert row["test_free_energy_per_step"] == pytest.approx(same_epoch, rel=1e-6)
     assert best["epoch"] < 3, "the test expects the unstable lr to make a later epoch worse on validation"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run folders, locks, atomic writes, bad files (issue 11)
+
+ONE_BATCH = ["--epochs", "1", "--max-train-batches", "1", "--batch-size", "2", "--no-plots"]
+
+
+def _one_line_exit(exc_info) -> str:
+    """The message of a SystemExit that carries one (a nonzero exit status): a single line."""
+    message = exc_info.value.code
+    assert isinstance(message, str) and message and "\n" not in message, message
+    return message
+
+
+def test_default_folders_identify_the_configuration_and_are_never_overwritten_silently(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    train.main([*TINY, *ONE_BATCH])
+    train.main([*TINY, *ONE_BATCH, "--iterations", "1"])  # used to delete the first run's rows
+    first, second = sorted((tmp_path / "runs").iterdir(), reverse=True)
+    assert first.name.startswith("srnn-jsb_chorales-avf-k2-seed3-")
+    assert second.name.startswith("srnn-jsb_chorales-avf-k1-seed3-")
+    for folder, k in ((first, 2), (second, 1)):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["iterations"] == k and config["lr"] == 1e-4 and "out_dir" not in config and "epochs" not in config
+        assert folder.name.endswith("-" + config_digest(config))
+        assert len(pd.read_csv(folder / train.RESULTS)) == 1
+    assert f"results in {Path('runs') / first.name}: test free energy " in capsys.readouterr().out.splitlines()[0]
+
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    with pytest.raises(SystemExit) as exc:  # the same settings again
+        train.main([*TINY, *ONE_BATCH])
+    message = _one_line_exit(exc)
+    assert str(Path("runs") / first.name) in message and "--resume" in message and "--overwrite" in message
+    with pytest.raises(SystemExit) as exc:  # resuming it with other settings is refused, naming them
+        train.main([*TINY, *ONE_BATCH, "--out-dir", str(first), "--resume", "--lr", "1e-3", "--crop-length", "10"])
+    assert "--crop-length 25 (now 10), --lr 0.0001 (now 0.001)" in _one_line_exit(exc)
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+
+    train.main([*TINY, *ONE_BATCH, "--overwrite"])  # on purpose
+    assert (first / train.CHECKPOINT).read_bytes() != before[train.CHECKPOINT]
+    assert len(pd.read_csv(first / train.RESULTS)) == 1
+
+
+def _hold_folder(folder, ready):
+    RunFolder.open(folder, {"holder": True})
+    ready.set()
+    time.sleep(120)
+
+
+def test_a_second_run_in_a_locked_folder_is_refused_until_the_holder_dies(tmp_path):
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_folder, args=(tmp_path / "run", ready), daemon=True)
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(SystemExit) as exc:
+            run(tmp_path / "run", *ONE_BATCH)
+        assert f"{tmp_path / 'run'} is in use by another run (process {holder.pid})" in _one_line_exit(exc)
+    finally:
+        holder.kill()  # SIGKILL: the operating system drops the flock
+        holder.join()
+    run(tmp_path / "run", *ONE_BATCH)
+    assert len(pd.read_csv(tmp_path / "run" / train.RESULTS)) == 1
+
+
+def _killed_while_writing(path):
+    with atomic_write(path, "w") as f:
+        f.write("epoch,train_lo")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_kill_while_writing_leaves_the_old_files_and_resume_works(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(out, *ONE_BATCH, "--epochs", "1")
+    results = (out / train.RESULTS).read_bytes()
+    killed = mp.get_context("fork").Process(target=_killed_while_writing, args=(out / train.RESULTS,))
+    killed.start()
+    killed.join()
+    assert killed.exitcode == -signal.SIGKILL
+    assert (out / train.RESULTS).read_bytes() == results  # whole, not torn or empty
+    assert len(list(out.glob(".results.csv.*.tmp"))) == 1  # what the kill left behind
+
+    real_replace = os.replace
+
+    def replace_fails_for_the_checkpoint(src, dst):
+        if Path(dst).name == train.CHECKPOINT:
+            raise OSError("disk full (simulated)")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_fails_for_the_checkpoint)
+    with pytest.raises(OSError, match="simulated"):  # epoch 2 trains, writes its row, then cannot save
+        run(out, *ONE_BATCH, "--epochs", "2", "--resume")
+    monkeypatch.undo()
+    assert load(out)["epoch"] == 1  # the old checkpoint, intact
+    run(out, *ONE_BATCH, "--epochs", "2", "--resume")
+    assert pd.read_csv(out / train.RESULTS)["epoch"].tolist() == [1, 2]
+    assert load(out)["epoch"] == 2
+    assert not list(out.glob("*.tmp"))  # the stale file was removed when the run opened the folder
+
+
+def _forbidden_pickle(marker):
+    # PROTO 2; GLOBAL os.system; BINUNICODE "touch <marker>"; TUPLE1; REDUCE; STOP
+    command = f"touch {marker}".encode()
+    return b"\x80\x02cos\nsystem\nX" + struct.pack("<I", len(command)) + command + b"\x85R."
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "forbidden pickle", "tensor"])
+def test_a_truncated_or_foreign_checkpoint_is_a_one_line_error_naming_it(tmp_path, kind):
+    out = tmp_path / "run"
+    out.mkdir()
+    path = out / train.CHECKPOINT
+    if kind == "truncated":
+        torch.save({"version": 1, "net": {"w": torch.zeros(10_000)}}, path)
+        path.write_bytes(path.read_bytes()[:20_000])
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "forbidden pickle":
+        path.write_bytes(_forbidden_pickle(tmp_path / "ran"))
+    else:
+        torch.save(torch.zeros(3), path)
+    with pytest.raises(SystemExit) as exc:
+        run(out, *ONE_BATCH, "--resume")
+    message = _one_line_exit(exc)
+    assert str(path) in message and "not a" in message and "weights_only" not in message
+    assert not (tmp_path / "ran").exists()  # torch.load(weights_only=True) ran nothing
+    RunFolder.open(out, {}, overwrite=True).close()  # the failed run released its lock
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_missing_or_corrupt_data_is_a_one_line_error_and_leaves_no_folder(tmp_path, monkeypatch, corrupt):
+    monkeypatch.delenv("PYRO_AVF_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    if corrupt:
+        (data / "jsb_chorales.pickle").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(SystemExit) as exc:
+        train.main([*TINY, *ONE_BATCH, "--data-dir", str(data), "--out-dir", str(tmp_path / "run")])
+    message = _one_line_exit(exc)
+    if corrupt:
+        assert f"data file {data / 'jsb_chorales.pickle'} is corrupt" in message and "--download" in message
+    else:
+        assert "data file jsb_chorales.pickle not found" in message and str(data) in message
+        assert f"pass --download to fetch it from {polyphonic.JSB_PICKLE_URL}" in message
+    assert "download=True" not in message  # the hint of the Python API
+    assert not (tmp_path / "run").exists()
+
+
+def test_download_fetches_missing_data_into_the_cache(tmp_path, monkeypatch):
+    """Offline: the public address is replaced by a file:// address of the shared copy."""
+    monkeypatch.delenv("PYRO_AVF_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = DATA / "polyphonic" / "jsb_chorales.pickle"
+    monkeypatch.setattr(polyphonic, "JSB_PICKLE_URL", source.as_uri())
+    (tmp_path / "empty").mkdir()
+    row = train.main([*TINY, *ONE_BATCH, "--data-dir", str(tmp_path / "empty"), "--download",
+                      "--out-dir", str(tmp_path / "run")])  # fmt: skip
+    cached = tmp_path / "cache" / "pyro_avf" / "polyphonic" / "jsb_chorales.pickle"
+    assert cached.read_bytes() == source.read_bytes()
+    assert row["epoch"] == 1 and (tmp_path / "run" / train.RESULTS).is_file()
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
+    actions = [a for a in train.build_parser()._actions if a.dest != "help"]
+    starts = []
+    for action in actions:
+        starts.append(text.index(f"{action.option_strings[0]} ", starts[-1] + 1 if starts else 0))
+    for action, start, end in zip(actions, starts, starts[1:] + [len(text)]):
+        assert f"(default: {action.default})" in text[start:end], action.dest
+    assert "--download" in text and "--overwrite" in text

@@ -52,8 +52,9 @@ class IterativeGuide(GuideMessenger, nn.Module):
 
     :param callable model: the Pyro model.
     :param int num_iterations: K, the number of inference iterations per step (0: the posterior is the prior).
-    :param update: ``"highway"`` (gated learned update, the AVF paper's), ``"residual"`` (gated residual,
-        starts at the prior), ``"learned_sgd"`` (a learned natural-gradient step), ``"sgd"`` /
+    :param update: ``"learned_sgd"`` (a learned natural-gradient step in a trust region, the default),
+        ``"highway"`` (gated learned update, the AVF paper's), ``"residual"`` (gated residual, starts at the
+        prior), ``"sgd"`` /
         ``"adam"`` for non-amortized filtering EM, or a rule object (see :mod:`pyro_avf.updates`).
     :param encoding: ``"gradient"``, ``"error"`` (prediction errors; Gaussian models), or an
         :class:`~pyro_avf.encoders.Encoding`.
@@ -67,11 +68,12 @@ class IterativeGuide(GuideMessenger, nn.Module):
     :param str name: prefix of the guide's names in Pyro's param store (``{name}_update_slot0$$$...``,
         ``{name}_global.{site}.loc``); give guides that live side by side different names.
 
-    The defaults (the highway update with the observation encoded) were chosen with
-    ``benchmarks/inference_quality.py --part defaults``: with the README's optimiser, on a linear-Gaussian SSM,
-    0.17 nats/step from the best diagonal step posterior after 600 training steps against 0.43 without the
-    observation (per-step Adam with 200 iterations: 0.16). ``"learned_sgd"`` with the observation measured 0.16
-    but can diverge at its initial step size on other models, so it is not the default.
+    The defaults (``learned_sgd``, a bounded learned natural-gradient step, with the observation encoded) were
+    chosen with ``benchmarks/inference_quality.py``: with the README's optimiser, after 600 training steps on a
+    linear-Gaussian SSM 0.16 nats/step from the best diagonal step posterior (the gated highway update: 0.17;
+    per-step Adam with 200 iterations: 0.16), and on a predator-prey model with a poor prior prediction 0.18
+    from converged per-step Adam after 300 steps, where the highway update stayed at 19.6. ``update="highway"``
+    is the AVF paper's update.
 
     The guide works with every Pyro workflow an AutoGuide does: ``SVI`` with
     :class:`~pyro_avf.AmortizedFilteringELBO`, ``Trace_ELBO`` or ``TraceMeanField_ELBO``; ``Predictive``; calls
@@ -102,7 +104,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         model: Callable,
         num_iterations: int = 5,
         *,
-        update="highway",
+        update="learned_sgd",
         encoding="gradient",
         encode_observation: bool = True,
         networks: str = "joint",

@@ -17,13 +17,25 @@ variational filtering EM of AVF Algorithm 1.
   - ``"highway"`` (gated output): :math:`\lambda \leftarrow g \odot \lambda + (1 - g) \odot \Delta`;
   - ``"residual"`` (gated residual, zero-initialised so that an untrained network keeps the prior):
     :math:`\lambda \leftarrow \lambda + (1 - g) \odot \Delta`;
-  - ``"learned_sgd"``: a learned natural-gradient step
-    :math:`\lambda \leftarrow \lambda - \eta \odot \mathcal{I}^{-1} \nabla_\lambda F + \Delta`, with
+  - ``"learned_sgd"``: a learned natural-gradient step inside a learned trust region. With
     :math:`\mathcal{I}^{-1} = (\sigma^2, \tfrac12)` the inverse Fisher information of
-    :math:`\mathcal{N}(\mu, \sigma^2)` in :math:`(\mu, \log\sigma)` (so the step does not depend on the
-    scale of the latent or of the gradient) and a learned positive step per dimension and state,
-    :math:`\eta = \mathrm{softplus}(b + W h)`. W and Δ start at 0: an untrained network is natural-gradient
-    descent with step ``init_lr``; no gate holds λ near its start.
+    :math:`\mathcal{N}(\mu, \sigma^2)` in :math:`(\mu, \log\sigma)`, the natural gradient in units of the
+    current scale is :math:`u = (\sigma \nabla_\mu F, \tfrac12 \nabla_{\log\sigma} F)` (free of the scale of
+    the latent), and
+
+    .. math::
+
+        \mu \leftarrow \mu - \sigma\, r_\mu \tanh(\eta_\mu u_\mu / r_\mu) + \Delta_\mu, \qquad
+        \log\sigma \leftarrow \log\sigma - r_\sigma \tanh(\eta_\sigma u_\sigma / r_\sigma) + \Delta_\sigma,
+
+    with learned positive steps :math:`\eta = \mathrm{softplus}(b_\eta + W_\eta h)` and radii
+    :math:`r = \mathrm{softplus}(b_r + W_r h)` per dimension and state. A small gradient gives the natural
+    step :math:`\eta u`; a large one (a likelihood far sharper than the prior) moves μ by at most
+    :math:`r_\mu` standard deviations and log σ by :math:`r_\sigma` per iteration, so the update can travel far
+    over K iterations and never diverges. With Δ = 0 the fixed point does not depend on η (:math:`\nabla F = 0`). The
+    network h reads the encoding (gradients or prediction errors); the step always follows the gradient.
+    W and Δ start at 0: an untrained network is bounded natural-gradient descent with step ``init_lr`` and
+    radii (1 σ, 0.5); no gate holds λ near its start.
 
   All inputs are detached: no second-order gradients.
 * :class:`SGDUpdate`, :class:`AdamUpdate` — a few optimiser steps per time step, from the prior.
@@ -31,7 +43,6 @@ variational filtering EM of AVF Algorithm 1.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import pyro
@@ -45,6 +56,12 @@ Lambda = Tuple[torch.Tensor, torch.Tensor]
 FORMS = ("highway", "residual", "learned_sgd")
 NETWORKS = ("joint", "per_slot")
 LOG_SCALE_RANGE = (-9.0, 5.0)  # posterior scales kept in [1.2e-4, 148] so a wild update cannot underflow
+INIT_RADIUS = (1.0, 0.5)  # the learned_sgd trust region at initialisation: 1 σ for μ, 0.5 for log σ
+
+
+def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:
+    r""":math:`\mathrm{softplus}^{-1}(x) = x + \log(1 - e^{-x})`."""
+    return x + torch.log(-torch.expm1(-x))
 
 
 class _Normalise(nn.Module):
@@ -112,8 +129,6 @@ class UpdateNetwork(nn.Module):
             raise ValueError(f"update form must be one of {FORMS}, got {form!r}")
         if encoding not in ("gradient", "error"):
             raise ValueError(f"encoding must be 'gradient' or 'error', got {encoding!r}")
-        if form == "learned_sgd" and encoding != "gradient":
-            raise ValueError("the 'learned_sgd' form needs gradient encoding")
         self.slot_dims = list(slot_dims) if slot_dims is not None else [dim]
         if sum(self.slot_dims) != dim:
             raise ValueError(f"slot_dims {self.slot_dims} do not add up to dim {dim}")
@@ -136,9 +151,13 @@ class UpdateNetwork(nn.Module):
         else:
             nn.init.zeros_(self.delta.weight)
             nn.init.zeros_(self.delta.bias)
-            self.raw_lr = nn.Parameter(torch.full((2 * dim,), math.log(math.expm1(init_lr))))
+            self.raw_lr = nn.Parameter(_softplus_inverse(torch.full((2 * dim,), float(init_lr))))
             self.step_size = nn.Linear(hidden, 2 * dim, bias=False)  # per element and state, starts at 0
+            radius = torch.cat([torch.full((dim,), INIT_RADIUS[0]), torch.full((dim,), INIT_RADIUS[1])])
+            self.raw_radius = nn.Parameter(_softplus_inverse(radius))
+            self.radius = nn.Linear(hidden, 2 * dim, bias=False)
             nn.init.zeros_(self.step_size.weight)
+            nn.init.zeros_(self.radius.weight)
 
         # the constructor's sizes, saved beside the weights so that a fresh guide can rebuild the network
         spec = [dim, error_dim, obs_dim, hidden, FORMS.index(form), ("gradient", "error").index(encoding)]
@@ -175,9 +194,15 @@ class UpdateNetwork(nn.Module):
             new = g * lam_cat + (1 - g) * delta
         elif self.form == "residual":
             new = lam_cat + (1 - torch.sigmoid(self.out_gate(h))) * delta
-        else:  # a natural-gradient step: the Fisher information of N(μ, σ²) is 1/σ² for μ and 2 for log σ
-            natural = torch.cat([grads[0] * (2 * lam[1]).exp(), grads[1] / 2], -1).detach()
-            new = lam_cat - F.softplus(self.raw_lr + self.step_size(h)) * natural + delta
+        else:  # a bounded natural-gradient step, in units of the current scale for μ
+            if grads is None:
+                raise ValueError("the 'learned_sgd' form steps along the gradient: pass grads")
+            scale = lam[1].detach().exp()
+            natural = torch.cat([scale * grads[0], grads[1] / 2], -1).detach()
+            eta = F.softplus(self.raw_lr + self.step_size(h))
+            radius = F.softplus(self.raw_radius + self.radius(h))
+            step = radius * torch.tanh(eta * natural / radius)
+            new = lam_cat - torch.cat([scale, torch.ones_like(scale)], -1) * step + delta
         loc, log_scale = new.chunk(2, -1)
         return loc, log_scale.clamp(*LOG_SCALE_RANGE)
 
@@ -237,8 +262,6 @@ class LearnedUpdate:
             raise ValueError(f"update form must be one of {FORMS}, got {form!r}")
         if networks not in NETWORKS:
             raise ValueError(f"networks must be one of {NETWORKS}, got {networks!r}")
-        if form == "learned_sgd" and encoding.signal != "gradient":
-            raise ValueError("the 'learned_sgd' update steps along the gradient: it needs encoding='gradient'")
         self.form, self.encoding, self.networks = form, encoding, networks
         self.hidden_size, self.lr = hidden_size, lr
         self.nets = UpdateNetworks()

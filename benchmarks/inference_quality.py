@@ -46,10 +46,11 @@ Usage::
         "per_slot": {"networks": "per_slot"}}'
     python benchmarks/inference_quality.py --part nonlinear --grid '{"highway": {}, "residual": {"update": "residual"}}'
 
-``--grid`` takes a JSON object {name: guide kwargs}, ``@file.json``, or a preset name (``default``: the
-guide's defaults, the default for ``coupled`` and ``nonlinear``; ``updates``: the 12 update × encoding ×
-encode_observation configurations, the default for ``defaults``). ``--guide-kwargs`` (JSON) is applied under
-every grid entry; any ``IterativeGuide`` keyword passes through (``num_iterations`` too, over ``--num-iterations``).
+``--grid`` takes a JSON object {name: guide kwargs (an ``"elbo"`` entry: AmortizedFilteringELBO kwargs)},
+``@file.json``, or a preset name (``default``: the guide's defaults, the default for ``coupled`` and
+``nonlinear``; ``updates``: the 12 update × encoding × encode_observation configurations, the default for
+``defaults``). ``--guide-kwargs`` (JSON) is applied under every grid entry; any ``IterativeGuide`` keyword
+passes through (``num_iterations`` too, over ``--num-iterations``).
 """
 
 from __future__ import annotations
@@ -367,8 +368,10 @@ def train_and_track(m: SteppedModel, kwargs: dict, args, checkpoints: List[int],
     """Train one guide on fresh batches; ``measure(guide)`` at each checkpoint (step 0 = untrained)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
+    kwargs = dict(kwargs)
+    elbo = AmortizedFilteringELBO(**kwargs.pop("elbo", {}))  # e.g. {"elbo": {"train_all_iterations": false}}
     guide = make_guide(m.model, args.num_iterations, kwargs)
-    svi = pyro.infer.SVI(m.model, guide, pyro.optim.Adam({"lr": args.lr}), AmortizedFilteringELBO())
+    svi = pyro.infer.SVI(m.model, guide, pyro.optim.Adam({"lr": args.lr}), elbo)
 
     def batch(i: int) -> Tensor:
         return m.sample(args.batch_size, args.T, seed=args.seed * 100003 + 1000 + i)

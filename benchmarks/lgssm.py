@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from pyro_avf import AmortizedFilteringELBO, IterativeGuide
 from pyro_avf.baselines.kalman import diagonal_gap, expected_step_free_energy, kalman_filter, step_optimum
 from pyro_avf.models.lgssm import LinearGaussianSSM
+from pyro_avf.training import fit
 
 
 def analytic_gap(ssm: LinearGaussianSSM, guide: IterativeGuide, xs: torch.Tensor) -> dict:
@@ -63,15 +65,14 @@ def analytic_gap(ssm: LinearGaussianSSM, guide: IterativeGuide, xs: torch.Tensor
     }
 
 
-def train_avf(ssm, xs_train, steps, K, lr, seed, **guide_kwargs) -> IterativeGuide:
+def train_avf(ssm, xs_train, steps, K, lr, seed, batch=64, **guide_kwargs) -> IterativeGuide:
+    """``steps`` Adam steps (rounded up to whole epochs of shuffled batches) with :func:`pyro_avf.training.fit`."""
     pyro.set_rng_seed(seed)
-    guide = IterativeGuide(ssm.model, num_iterations=K, **guide_kwargs)
-    svi = pyro.infer.SVI(ssm.model, guide, pyro.optim.Adam({"lr": lr}), AmortizedFilteringELBO())
-    batch = 64
-    for i in tqdm(range(steps), desc=f"train AVF K={K}"):
-        j = (i * batch) % xs_train.shape[0]
-        svi.step(xs_train[j : j + batch])
-    return guide
+    per_epoch = math.ceil(xs_train.shape[0] / batch)
+    result = fit(ssm, xs_train, epochs=math.ceil(steps / per_epoch), batches_per_epoch=min(steps, per_epoch),
+                 batch_size=batch, lr=lr, clip_norm=None, guide_kwargs=dict(num_iterations=K, **guide_kwargs),
+                 seed=seed)  # fmt: skip
+    return result.guide
 
 
 def em_sweep(ssm, xs_test, args) -> dict:

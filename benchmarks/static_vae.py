@@ -1,6 +1,8 @@
 """Iterative amortized inference vs a direct encoder for a VAE on MNIST digits, under equal wall-clock budgets.
 
-Methods (each trains a fresh :class:`~pyro_avf.models.vae.VAE` with Adam for ``--minutes`` of wall-clock time):
+Methods (each trains a fresh :class:`~pyro_avf.models.vae.VAE` with Adam for ``--minutes`` of wall-clock time,
+one :class:`pyro_avf.trainer.Trainer` step per shuffled mini-batch; the loop is this script's own because
+:func:`pyro_avf.training.fit` counts free energies per time step of sequences, and these are images):
 
 * ``iterative-gradient``: :class:`~pyro_avf.IterativeGuide`, gradient encoding, Bernoulli VAE on binarised digits,
   :class:`~pyro_avf.AmortizedFilteringELBO`;
@@ -34,19 +36,19 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
 from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_loaders.mnist import load_mnist_test, mnist_tensor_dataset, split_digits  # noqa: E402
-from pyro_avf import AmortizedFilteringELBO, IterativeGuide  # noqa: E402
+from pyro_avf import IterativeGuide  # noqa: E402
 from pyro_avf.models.vae import VAE, DirectEncoder, encoder_hidden_for, num_parameters  # noqa: E402
+from pyro_avf.trainer import Trainer  # noqa: E402
 from pyro_avf.updates import UpdateNetwork  # noqa: E402
 
 METHODS = {  # name -> (likelihood, encoding or None for the direct encoder)
@@ -94,29 +96,31 @@ def load_digits(data: Path, likelihood: str, seed: int) -> Tuple[torch.Tensor, t
     return x[train_idx], x[test_idx]
 
 
-def make_guide(vae: VAE, encoding, args) -> Tuple[Callable, object, int]:
-    """(guide, loss, guide parameter count). Direct encoders get the parameter count of the matching update
-    network (gradient encoding for the Bernoulli model, error encoding for the Gaussian one)."""
+def make_trainer(vae: VAE, encoding, args) -> Tuple[Trainer, int]:
+    """(trainer, guide parameter count): the direct encoder with ``Trace_ELBO`` or an ``IterativeGuide`` with
+    ``AmortizedFilteringELBO``, Adam at ``--lr``. Direct encoders get the parameter count of the matching
+    update network (gradient encoding for the Bernoulli model, error encoding for the Gaussian one)."""
     error_dim = vae.x_dim if vae.likelihood == "gaussian" else 0
     ref_encoding = "error" if vae.likelihood == "gaussian" else "gradient"
     ref = UpdateNetwork(args.z_dim, "highway", ref_encoding, error_dim, hidden=args.update_hidden)
     if encoding is None:
         encoder = DirectEncoder(args.z_dim, encoder_hidden_for(num_parameters(ref), args.z_dim), vae.x_dim)
-        return encoder, Trace_ELBO(), num_parameters(encoder)
-    guide = IterativeGuide(vae.model, args.iterations, encoding=encoding, encode_observation=False,
-                           hidden_size=args.update_hidden)
-    return guide, AmortizedFilteringELBO(), num_parameters(ref)
+        return Trainer(vae, inference="baseline", guide=encoder, lr=args.lr, clip_norm=None), num_parameters(encoder)
+    guide_kwargs = dict(num_iterations=args.iterations, encoding=encoding, encode_observation=False,
+                        hidden_size=args.update_hidden)
+    return Trainer(vae, guide_kwargs=guide_kwargs, lr=args.lr, clip_norm=None), num_parameters(ref)
 
 
-def train(svi: SVI, x: torch.Tensor, args, desc: str) -> Dict[str, float]:
-    """SVI steps on shuffled mini-batches until ``args.minutes`` of wall-clock time have passed. Also records the
-    process CPU time used (on a shared machine the same wall-clock budget may buy different amounts of compute)."""
+def train(trainer: Trainer, x: torch.Tensor, args, desc: str) -> Dict[str, float]:
+    """Optimiser steps (SVI steps) on shuffled mini-batches until ``args.minutes`` of wall-clock time have passed.
+    Also records the process CPU time used (on a shared machine the same wall-clock budget may buy different
+    amounts of compute)."""
     budget = 60 * args.minutes
     steps, losses, start, cpu_start = 0, [], time.perf_counter(), time.process_time()
     bar = tqdm(total=round(budget), desc=desc, unit="s", leave=False, mininterval=2.0)
     while True:
         for idx in torch.randperm(len(x)).split(args.batch_size):
-            losses.append(svi.step(x[idx]) / len(idx))
+            losses.append(trainer.step(x[idx]) / len(idx))
             steps += 1
             elapsed = time.perf_counter() - start
             bar.set_postfix(step=steps, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.1f}", refresh=False)
@@ -178,11 +182,11 @@ def run_method(name: str, data: Dict[str, Tuple[torch.Tensor, torch.Tensor]], ar
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     vae = VAE(args.z_dim, args.decoder_hidden, likelihood)
-    guide, loss, guide_params = make_guide(vae, encoding, args)
-    svi = SVI(vae.model, guide, pyro.optim.Adam({"lr": args.lr}), loss=loss)
+    trainer, guide_params = make_trainer(vae, encoding, args)
+    guide, loss = trainer.guide, trainer.net.objective.elbo
     x_train, x_test = data[likelihood]
     result = {"method": name, "likelihood": likelihood, "guide_params": guide_params}
-    result.update(train(svi, x_train, args, f"train {name}"))
+    result.update(train(trainer, x_train, args, f"train {name}"))
     if isinstance(guide, IterativeGuide):  # the update networks are built on the first pass
         result["guide_params"] = num_parameters(guide.update_nets)
     result.update(evaluate(vae, guide, loss, x_test, args, f"test {name}"))

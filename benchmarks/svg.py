@@ -5,8 +5,9 @@ output density and no KL down-weighting, and reports the filtering free energy p
 AVF 11,714 nats. KTH is not available here; this runs the same comparison on Moving MNIST at CPU size.
 
 Methods (each trains a fresh :class:`~pyro_avf.models.svg.SVG` with Adam for ``--minutes`` of measured
-training time; the methods' steps are interleaved, the one with the least time so far going next, so that a
-drifting machine load hits both alike):
+training time, one :class:`pyro_avf.trainer.Trainer` step per batch; the methods' steps are interleaved, the
+one with the least time so far going next, so that a drifting machine load hits both alike: a loop of this
+script's own, since :func:`pyro_avf.training.fit` trains one model at a time):
 
 * ``AVF``: ``IterativeGuide(svg.model, num_iterations=K)`` + ``AmortizedFilteringELBO``;
 * ``baseline``: ``svg.guide`` (posterior LSTM on the current frame's encoding) + ``Trace_ELBO``.
@@ -34,15 +35,14 @@ from typing import Dict
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_loaders.moving_mnist import dequantize  # noqa: E402
-from pyro_avf import AmortizedFilteringELBO, IterativeGuide  # noqa: E402
 from pyro_avf.evaluation import filtering_free_energy  # noqa: E402
 from pyro_avf.models.svg import SVG  # noqa: E402
+from pyro_avf.trainer import Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flows import add_data_args, load_data  # noqa: E402  (the same Moving MNIST sequences as the flows benchmark)
@@ -72,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class Method:
-    """One method's model, guide and SVI in its own Pyro parameter store (``ParamStore.scope``)."""
+    """One method's model and :class:`~pyro_avf.trainer.Trainer` in its own Pyro parameter store
+    (``ParamStore.scope``)."""
 
     def __init__(self, method: str, args, frame_shape: torch.Size):
         self.name, self.seconds, self.steps = method, 0.0, 0
@@ -81,19 +82,21 @@ class Method:
         with pyro.get_param_store().scope() as self.scope:
             self.svg = SVG(frame_shape, g_dim=args.g_dim, z_dim=args.z_dim, rnn_size=args.rnn_size, nf=args.nf)
             if method == "AVF":
-                self.guide = IterativeGuide(self.svg.model, num_iterations=args.iterations, encode_observation=True)
-                loss = AmortizedFilteringELBO()
+                options = dict(guide_kwargs=dict(num_iterations=args.iterations, encode_observation=True))
             else:
-                self.guide, loss = self.svg.guide, Trace_ELBO()
-            self.svi = SVI(self.svg.model, self.guide, pyro.optim.Adam({"lr": args.lr}), loss)
+                options = dict(inference="baseline")  # svg.guide with Trace_ELBO
+            self.trainer = Trainer(self.svg, lr=args.lr, clip_norm=None, **options)
+            self.guide = self.trainer.guide
 
     def step(self, train_u8: torch.Tensor, batch_size: int) -> float:
-        """One optimiser step, timed (batch drawing and the param-store swap excluded)."""
+        """One optimiser step, timed (batch drawing, the param-store swap and the first batch's building of the
+        update networks excluded); returns the batch's summed loss."""
         idx = torch.randint(len(train_u8), (batch_size,), generator=self.gen)
         x = dequantize(train_u8[idx], generator=self.gen)
         with pyro.get_param_store().scope(self.scope):
+            self.trainer.build(x)
             start = time.perf_counter()
-            loss = self.svi.step(x)
+            loss = self.trainer.step(x)
             self.seconds += time.perf_counter() - start
         self.steps += 1
         if not math.isfinite(loss):

@@ -12,11 +12,15 @@ The reported number is the paper's: total free energy over real steps divided by
 .. math::
 
     \\bar{\\mathcal{F}} = \\frac{\\sum_{n,t} m_{n,t}\\, \\mathcal{F}_{n,t}}{\\sum_{n,t} m_{n,t}}.
+
+:func:`evaluate` gives it for a whole data set (a list of sequences, a padded ``(xs, mask)`` pair or one
+tensor), in batches sorted by length; with a ``stream`` each batch is filtered one step at a time
+(:func:`~pyro_avf.online.streamed_free_energy`), so memory stays flat in the length of the sequences.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from pyro import poutine
@@ -24,7 +28,9 @@ from pyro.poutine.messenger import Messenger
 
 from pyro_avf.free_energy import StepContext, Terms, score_site, stack_terms
 from pyro_avf.guide import IterativeGuide
+from pyro_avf.online import streamed_free_energy
 from pyro_avf.posterior import normal_parameters
+from pyro_avf.sequences import as_sequences
 
 
 class StepTagger(Messenger):
@@ -110,3 +116,70 @@ def mean_free_energy_per_step(out: Dict[str, torch.Tensor]) -> float:
     """:math:`\\sum m \\mathcal{F} / \\sum m` over real (observed) steps."""
     mask = out["observed"].to(out["free_energy"].dtype)
     return ((out["free_energy"] * mask).sum() / mask.sum().clamp_min(1)).item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole data sets
+
+
+class FreeEnergy(NamedTuple):
+    """The filtering free energy of a data set: ``per_step`` :math:`\\sum m\\mathcal{F} / \\sum m` (nats),
+    ``steps`` :math:`\\sum m` (real, observed steps) and ``total`` :math:`\\sum m\\mathcal{F}`."""
+
+    per_step: float
+    steps: int
+    total: float
+
+
+def masked_total(free_energy: torch.Tensor, observed: torch.Tensor, mask: Optional[torch.Tensor]
+                 ) -> Tuple[float, float]:  # fmt: skip
+    """:math:`\\sum m\\,\\mathcal{F}` and :math:`\\sum m` with :math:`m` = observed and not padding."""
+    m = observed if mask is None else observed & mask
+    return (free_energy * m).sum().item(), m.sum().item()
+
+
+def batch_totals(model: Any, guide: Callable, xs: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                 stream: Optional[Callable[[Any], Any]] = None) -> Tuple[float, float]:  # fmt: skip
+    """:math:`\\sum m\\mathcal{F}` and :math:`\\sum m` of one batch: streamed when ``stream`` is given and can
+    filter with ``guide`` (see :func:`evaluate`), else one :func:`filtering_free_energy` pass."""
+    fn = getattr(model, "model", model)
+    if stream is not None:
+        streamer = stream(model)
+        own_guide = guide == getattr(model, "guide", None)
+        if isinstance(guide, IterativeGuide) or (own_guide and hasattr(streamer, "baseline_traces")):
+            return streamed_free_energy(streamer, guide, xs, mask)
+    out = filtering_free_energy(fn, guide, *((xs,) if mask is None else (xs, mask)))
+    return masked_total(out["free_energy"], out["observed"], mask)
+
+
+def evaluate(model: Any, guide: Callable, data: Any, *, batch_size: int = 16,
+             stream: Optional[Callable[[Any], Any]] = None, seed: int = 0) -> FreeEnergy:  # fmt: skip
+    """The filtering free energy per step of ``guide`` on whole sequences,
+    :math:`\\sum_{n,t} m_{n,t}\\mathcal{F}_{n,t} / \\sum_{n,t} m_{n,t}`.
+
+    :param model: a model with ``model(xs, mask)`` (:class:`~pyro_avf.trainer.SequenceModel`) or that Pyro
+        function itself.
+    :param guide: an :class:`~pyro_avf.IterativeGuide` (scored online, β = 1) or any Pyro guide (traced
+        once, the model replayed against it).
+    :param data: a list of (T_i, ...) tensors, a padded ``(xs, mask)`` pair or one (N, T, ...) tensor
+        (:func:`pyro_avf.sequences.as_sequences`); scored in batches of ``batch_size``, longest first.
+    :param stream: optional ``model -> stream`` (an object for :class:`~pyro_avf.online.OnlineFilter` with
+        ``step(state, x_t, mask_t)``): each batch is then filtered one step at a time, so memory stays flat in
+        the length of the sequences; a stream that also has ``baseline_traces`` streams the model's own guide.
+    :param int seed: the evaluation's random numbers are drawn from this seed under a forked generator.
+    """
+    batches = as_sequences(data, "data").batches(batch_size)
+    total, steps = score_batches(model, guide, batches, stream=stream, seed=seed)
+    return FreeEnergy(total / max(steps, 1.0), int(steps), total)
+
+
+def score_batches(model: Any, guide: Callable, batches: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]], *,
+                  stream: Optional[Callable[[Any], Any]] = None, seed: int = 0) -> Tuple[float, float]:  # fmt: skip
+    """:func:`batch_totals` summed over ``batches``, with random numbers from ``seed`` (forked generator)."""
+    total = steps = 0.0
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for xs, mask in batches:
+            batch_total, batch_steps = batch_totals(model, guide, xs, mask, stream)
+            total, steps = total + batch_total, steps + batch_steps
+    return total, steps

@@ -197,7 +197,7 @@ def test_filtering_step_runs_unchanged_without_a_handler(name):
     assert all(s.shape[0] == 3 and torch.isfinite(s).all() for s in state)
     args = {
         "srnn": (torch.zeros(3, Z_DIM), torch.zeros(3, 16)),
-        "vrnn": ((torch.zeros(3, 16), torch.zeros(3, 16)), torch.zeros(3, 16)),
+        "vrnn": (torch.zeros(3, 16),),  # h_{t-1}
         "dmm": (torch.zeros(3, Z_DIM),),
     }[name]
     pyro.set_rng_seed(5)

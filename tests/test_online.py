@@ -40,7 +40,7 @@ def test_streaming_matches_batch_pass():
         assert torch.allclose(got, batch[key], atol=1e-5, rtol=1e-5), key
     # constant memory: one step record, no graph in the state, no parameter left frozen
     assert guide.last_pass.online.count == 1 and not guide.last_pass.steps
-    assert not f.state["z"].requires_grad
+    assert not f.state["carry"].requires_grad
     assert all(p.requires_grad for p in guide.parameters())
     q = streamed[-1].posterior["z_150"]
     assert q.batch_shape == (4,) and q.event_shape == (3,)

@@ -16,10 +16,13 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
+from pyro import poutine
 
 from data_loaders import polyphonic
 from pyro_avf import train
+from pyro_avf.plots import prediction_and_reconstruction
 from pyro_avf.run_folder import RunFolder, atomic_write, config_digest
+from pyro_avf.sequences import as_sequences
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 TINY = (
@@ -174,7 +177,7 @@ def test_baseline_kl_weight_scales_only_the_latent_terms():
     model = train.build_model(args)
     _, net = train.build_inference(args, model)
     songs = train.load_polyphonic("jsb_chorales", "test", path=DATA)[:3]
-    xs, mask = train.eval_batches([s[:20] for s in songs], 3)[0]
+    xs, mask = as_sequences([s[:20] for s in songs]).batches(3)[0]
     losses = {}
     for beta in (0.0, 0.5, 1.0):
         net.objective.kl_weight = beta
@@ -182,8 +185,8 @@ def test_baseline_kl_weight_scales_only_the_latent_terms():
         losses[beta] = net(xs, mask).item()
     assert losses[0.5] == pytest.approx((losses[0.0] + losses[1.0]) / 2, rel=1e-5)
     train.pyro.set_rng_seed(1)
-    guide_trace = train.poutine.trace(model.guide).get_trace(xs, mask)
-    model_trace = train.poutine.trace(train.poutine.replay(model.model, trace=guide_trace)).get_trace(xs, mask)
+    guide_trace = poutine.trace(model.guide).get_trace(xs, mask)
+    model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(xs, mask)
     nll = -sum(s["fn"].log_prob(s["value"]).sum() for s in model_trace.nodes.values() if s.get("is_observed"))
     assert losses[0.0] == pytest.approx(nll.item(), rel=1e-5)
     assert losses[1.0] != pytest.approx(losses[0.0], rel=1e-3)
@@ -201,7 +204,7 @@ def test_reconstruction_uses_the_final_posterior_and_prediction_the_prior():
         train.pyro.set_rng_seed(0)
         model = train.build_model(args)
         guide, _ = train.build_inference(args, model)
-        prediction, reconstruction = train.prediction_and_reconstruction(model.model, guide, xs, mask)
+        prediction, reconstruction = prediction_and_reconstruction(model.model, guide, xs, mask)
         assert prediction.shape == reconstruction.shape == xs.shape
         assert torch.allclose(prediction, reconstruction) == (k == 0)
 
@@ -396,3 +399,16 @@ def test_help_shows_every_default(capsys):
     for action, start, end in zip(actions, starts, starts[1:] + [len(text)]):
         assert f"(default: {action.default})" in text[start:end], action.dest
     assert "--download" in text and "--overwrite" in text
+
+
+def test_the_cpu_preset_sets_its_options_and_explicit_options_win():
+    parser = train.build_parser()
+    paper = train.parse_args(parser, [])
+    assert (paper.preset, paper.update, paper.hidden_size, paper.lr, paper.model_size) == (
+        "paper", "highway", 1024, 1e-4, None)  # fmt: skip
+    cpu = train.parse_args(train.build_parser(), ["--preset", "cpu", "--lr", "0.01", "--iterations", "3"])
+    for name, value in train.PRESETS["cpu"].items():
+        assert getattr(cpu, name) == {"lr": 0.01, "iterations": 3}.get(name, value), name
+    assert train.run_config(cpu) != train.run_config(train.parse_args(train.build_parser(), ["--preset", "cpu"]))
+    with pytest.raises(SystemExit):
+        train.parse_args(train.build_parser(), ["--preset", "fast"])

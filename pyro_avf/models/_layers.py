@@ -5,12 +5,13 @@
 - :class:`NormalHead`: features -> (loc, softplus scale) of a diagonal Normal;
 - :class:`ObservationHead`: features -> the observation distribution p(x_t | ...) (Bernoulli or Normal);
 - :func:`normal_mlp`, :func:`observation_mlp`: an MLP followed by one of these heads;
-- :func:`check_inputs`: validation of the (xs, mask) pair every model and guide receives.
+- :func:`check_inputs`: validation of the (xs, mask) pair every model and guide receives;
+- :func:`recurrent_step`: one time step of a one-layer ``nn.LSTM`` / ``nn.GRU`` with its own weights.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import pyro.distributions as dist
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "mlp",
     "normal_mlp",
     "observation_mlp",
+    "recurrent_step",
 ]
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -129,3 +131,19 @@ def check_inputs(xs: object, mask: object, x_dim: int, likelihood: str) -> tuple
     if likelihood == "bernoulli" and not ((xs == 0) | (xs == 1)).all():
         raise ValueError("xs must be binary (0/1) for a Bernoulli likelihood; use likelihood='gaussian'")
     return xs, mask
+
+
+def recurrent_step(
+    rnn: Union[nn.LSTM, nn.GRU], x_t: Tensor, state: Union[Tensor, tuple[Tensor, Tensor]]
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """One step of a one-layer, one-direction ``nn.LSTM`` (state ``(h, c)``) or ``nn.GRU`` (state ``h``), each
+    (B, hidden), on ``x_t`` (B, input), with the module's own weights: step t of ``rnn`` run over a whole
+    sequence, up to floating-point rounding. Returns the next state (its ``h`` is the output at t)."""
+    if rnn.num_layers != 1 or rnn.bidirectional or not rnn.bias or getattr(rnn, "proj_size", 0):
+        raise ValueError("recurrent_step needs a one-layer, one-direction RNN with biases and no projection")
+    weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+    if isinstance(rnn, nn.LSTM):
+        return tuple(torch.lstm_cell(x_t, tuple(state), *weights))
+    if isinstance(rnn, nn.GRU):
+        return torch.gru_cell(x_t, state, *weights)
+    raise TypeError(f"recurrent_step supports nn.LSTM and nn.GRU, got {type(rnn).__name__}")

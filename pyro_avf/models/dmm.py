@@ -18,6 +18,9 @@ Baseline filter (the "ST-L" combiner of Pyro's example with a forward RNN, i.e. 
     q(z_t | z_{t-1}, x_{≤t}) = N(W_μ h + b, softplus(W_σ h + b)),  z^q_0 learned.
 
 Masked steps (``mask`` False: padding) contribute nothing: both z_t and x_t are masked, in model and guide.
+
+The model follows the step-model protocol of :mod:`pyro_avf.transition` (carry: ``z_{t-1}``, from the learned
+``z_0``), so :class:`~pyro_avf.online.OnlineFilter` streams it as it is.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pyro_avf.models._layers import (
     observation_mlp,
 )
 from pyro_avf.step import filtering_step
+from pyro_avf.transition import run_steps
 
 
 class GatedTransition(nn.Module):
@@ -109,8 +113,10 @@ class DMM(nn.Module):
         self.generative = DMMGenerative(x_dim, z_dim, emission_dim, transition_dim, likelihood)
         self.inference = DMMFilter(x_dim, z_dim, rnn_dim)
 
+    plate_name = "sequences"
+
     @filtering_step
-    def step(self, t: int, z_prev: Tensor, x_t: Tensor, mask_t: Optional[Tensor] = None) -> Tensor:
+    def step(self, t: int, z_prev: Tensor, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> Tensor:
         """z_t ~ N(GatedTransition(z_{t-1})); x_t ~ p(x_t | Emitter(z_t)); both masked by ``mask_t``.
 
         Returns z_t (B, z_dim).
@@ -121,15 +127,23 @@ class DMM(nn.Module):
             pyro.sample(f"x_{t}", self.generative.emitter(z), obs=x_t)
         return z
 
+    def initial_state(self, batch_size: int, like: Optional[Tensor] = None) -> Tensor:
+        """The carry before step 1: the learned z_0, (batch_size, z_dim)."""
+        return self.generative.z_0.expand(batch_size, -1)
+
+    def advance(self, t: int, z_prev: Tensor, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> Tensor:
+        """Step t of :mod:`pyro_avf.transition`: the marked :meth:`step`; the carry is z_t."""
+        return self.step(t, z_prev, x_t, mask_t)
+
+    def validate(self, xs: object, mask: object = None) -> tuple[Tensor, Optional[Tensor]]:
+        """``xs`` (B, T, x_dim) (binary for a Bernoulli likelihood), ``mask`` None or (B, T) bool."""
+        return check_inputs(xs, mask, self.x_dim, self.likelihood)
+
     def model(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Score ``xs`` (B, T, x_dim); ``mask`` (B, T) bool is False on padding. Returns z_T (B, z_dim)."""
-        xs, mask = check_inputs(xs, mask, self.x_dim, self.likelihood)
+        xs, mask = self.validate(xs, mask)
         pyro.module("dmm", self.generative)
-        z = self.generative.z_0.expand(xs.size(0), -1)
-        with pyro.plate("sequences", xs.size(0)):
-            for t in pyro.markov(range(1, xs.size(1) + 1)):
-                z = self.step(t, z, xs[:, t - 1], None if mask is None else mask[:, t - 1])
-        return z
+        return run_steps(self, xs, mask)
 
     def guide(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Filtering guide q(z_t | z_{t-1}, x_{≤t}) = N(Combiner(z_{t-1}, h^rnn_t)). Returns z_T (B, z_dim)."""

@@ -29,6 +29,7 @@ from pyro_avf.models.lgssm import (
     validate_sequences,
 )
 from pyro_avf.step import filtering_step
+from pyro_avf.transition import run_steps
 
 
 class TwoLevelSSM(ParameterStore):
@@ -103,8 +104,10 @@ class TwoLevelSSM(ParameterStore):
         """Observation noise scales (n,)."""
         return self.log_r.exp()
 
+    plate_name = "sequences"
+
     @filtering_step
-    def step(self, t: int, z1_prev: Tensor, x_t: Tensor, mask_t: Optional[Tensor] = None) -> Tensor:
+    def step(self, t: int, z1_prev: Tensor, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> Tensor:
         """One step: samples z1_t then z2_t, observes x_t (masked by ``mask_t``); returns z1_t."""
         z1 = pyro.sample(f"z1_{t}", dist.Normal(z1_prev @ self.A.T, self.q1).to_event(1))
         z2 = pyro.sample(f"z2_{t}", dist.Normal(z1 @ self.B.T, self.q2).to_event(1))
@@ -112,18 +115,25 @@ class TwoLevelSSM(ParameterStore):
             pyro.sample(f"x_{t}", dist.Normal(z2 @ self.C.T, self.r).to_event(1), obs=x_t)
         return z1
 
+    def initial_state(self, batch_size: int, like: Tensor) -> Tensor:
+        """The carry before step 1 (:mod:`pyro_avf.transition`): ``z1_0 = 0``, (batch_size, d1)."""
+        return like.new_zeros(batch_size, self.z1_dim)
+
+    def advance(self, t: int, z1_prev: Tensor, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> Tensor:
+        """Step t: the marked :meth:`step`; the carry is ``z1_t``."""
+        return self.step(t, z1_prev, x_t, mask_t)
+
+    def validate(self, xs: object, mask: object = None) -> tuple[Tensor, Optional[Tensor]]:
+        """``xs`` (B, T, n) of the parameters' dtype and ``mask`` None or (B, T) bool; raises ValueError."""
+        xs = validate_sequences(xs, self.obs_dim, self.A.dtype)
+        return xs, validate_mask(mask, xs.size(0), xs.size(1))
+
     def model(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Score ``xs`` (B, T, n); ``mask`` (B, T) bool hides observations where False. Returns z1_T."""
-        xs = validate_sequences(xs, self.obs_dim, self.A.dtype)
-        batch, steps, _ = xs.shape
-        mask = validate_mask(mask, batch, steps)
+        xs, mask = self.validate(xs, mask)
         if self.learnable:
             pyro.module("two_level_ssm", self)
-        z1 = xs.new_zeros(batch, self.z1_dim)
-        with pyro.plate("sequences", batch):
-            for t in pyro.markov(range(1, steps + 1)):
-                z1 = self.step(t, z1, xs[:, t - 1], None if mask is None else mask[:, t - 1])
-        return z1
+        return run_steps(self, xs, mask)
 
     @torch.no_grad()
     def sample(self, num_sequences: int, T: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:

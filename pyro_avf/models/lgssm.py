@@ -6,7 +6,9 @@ Generative process for one sequence of length T (time indices are 1-based, as in
     z_t ~ N(A z_{t-1}, diag(q²))      t = 1..T      site "z_{t}", shape (B, d)
     x_t ~ N(C z_t, diag(r²))                        site "x_{t}", shape (B, n)
 
-The exact filter for this model is :func:`pyro_avf.baselines.kalman.kalman_filter`. The helpers
+The model follows the step-model protocol of :mod:`pyro_avf.transition` (carry: ``z_{t-1}``), so
+:class:`~pyro_avf.online.OnlineFilter` streams it as it is. The exact filter for this model is
+:func:`pyro_avf.baselines.kalman.kalman_filter`. The helpers
 :func:`validate_sequences`, :func:`validate_mask`, :func:`stable_matrix` and :class:`ParameterStore`
 are shared with the other small reference models in this package.
 """
@@ -14,7 +16,7 @@ are shared with the other small reference models in this package.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import pyro
 import pyro.distributions as dist
@@ -23,6 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from pyro_avf.step import filtering_step
+from pyro_avf.transition import run_steps
+
+if TYPE_CHECKING:
+    from pyro_avf.online import StepStream
 
 ArrayLike = Union[Tensor, float]
 
@@ -168,33 +174,45 @@ class LinearGaussianSSM(ParameterStore):
         return torch.diag(self.r**2)
 
     # ----- Pyro program -----
+    plate_name = "sequences"
+
     @filtering_step
-    def step(self, t: int, z_prev: Tensor, x_t: Tensor, mask_t: Optional[Tensor] = None) -> Tensor:
+    def step(self, t: int, z_prev: Tensor, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> Tensor:
         """One step: ``z_t ~ N(A z_{t-1}, diag q²)``, ``x_t ~ N(C z_t, diag r²)`` (masked by ``mask_t``)."""
         z = pyro.sample(f"z_{t}", dist.Normal(z_prev @ self.A.T, self.q).to_event(1))
         with mask_context(mask_t):
             pyro.sample(f"x_{t}", dist.Normal(z @ self.C.T, self.r).to_event(1), obs=x_t)
         return z
 
+    def initial_state(self, batch_size: int, like: Tensor) -> Tensor:
+        """The carry before step 1: ``z_0 = 0``, (batch_size, d)."""
+        return like.new_zeros(batch_size, self.latent_dim)
+
+    def advance(self, t: int, z_prev: Tensor, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> Tensor:
+        """Step t of :mod:`pyro_avf.transition`: the marked :meth:`step`; the carry is ``z_t``."""
+        return self.step(t, z_prev, x_t, mask_t)
+
+    def validate(self, xs: object, mask: object = None) -> tuple[Tensor, Optional[Tensor]]:
+        """``xs`` (B, T, n) of the parameters' dtype and ``mask`` None or (B, T) bool; raises ValueError."""
+        xs = validate_sequences(xs, self.obs_dim, self.A.dtype)
+        return xs, validate_mask(mask, xs.size(0), xs.size(1))
+
     def model(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Score ``xs`` (B, T, n) under the LG-SSM; ``mask`` (B, T) bool hides observations where False.
 
         Returns the last latent state z_T, shape (B, d).
         """
-        xs = validate_sequences(xs, self.obs_dim, self.A.dtype)
-        batch, steps, _ = xs.shape
-        mask = validate_mask(mask, batch, steps)
+        xs, mask = self.validate(xs, mask)
         if self.learnable:
             pyro.module("lgssm", self)
-        z = xs.new_zeros(batch, self.latent_dim)
-        with pyro.plate("sequences", batch):
-            for t in pyro.markov(range(1, steps + 1)):
-                z = self.step(t, z, xs[:, t - 1], None if mask is None else mask[:, t - 1])
-        return z
+        return run_steps(self, xs, mask)
 
-    def stream(self) -> LGSSMStream:
-        """This model as a streaming model for :class:`~pyro_avf.online.OnlineFilter` (``init``/``step``)."""
-        return LGSSMStream(self)
+    def stream(self) -> StepStream:
+        """This model as a stream for :class:`~pyro_avf.online.OnlineFilter`: a
+        :class:`~pyro_avf.online.StepStream` (``OnlineFilter(ssm, guide)`` wraps the model the same way)."""
+        from pyro_avf.online import StepStream  # the models do not depend on the filter
+
+        return StepStream(self)
 
     @torch.no_grad()
     def sample(self, num_sequences: int, T: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -211,38 +229,3 @@ class LinearGaussianSSM(ParameterStore):
             zs.append(z)
             xs.append(x)
         return torch.stack(xs, 1), torch.stack(zs, 1)
-
-
-class LGSSMStream:
-    """:meth:`LinearGaussianSSM.step` one observation at a time, for :class:`~pyro_avf.online.OnlineFilter`.
-
-    The state holds the step count ``t`` and the last latent ``z`` (batch, d); ``step(state, None)``
-    simulates the observation. The sites match those of :meth:`LinearGaussianSSM.model`.
-
-    Example::
-
-        f = OnlineFilter(ssm.stream(), guide, predict_steps=1)
-        f.init(batch_size=1)
-        out = f.step(x_t)     # x_t: (1, n)
-    """
-
-    def __init__(self, ssm: LinearGaussianSSM):
-        self.ssm = ssm
-
-    def init(self, state: dict, batch_size: int = 1) -> None:
-        """``z_0 = 0`` for ``batch_size`` streams."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        state["t"] = 0
-        state["z"] = torch.zeros(batch_size, self.ssm.latent_dim, dtype=self.ssm.A.dtype)
-
-    def step(self, state: dict, x_t: Optional[Tensor]) -> None:
-        """Advance by one step with observation ``x_t`` (batch, n), or simulate it when ``x_t`` is None."""
-        batch = state["z"].size(0)
-        if x_t is not None:
-            x_t = validate_sequences(x_t.unsqueeze(1), self.ssm.obs_dim, self.ssm.A.dtype, name="x_t")[:, 0]
-            if x_t.size(0) != batch:
-                raise ValueError(f"x_t must have shape ({batch}, {self.ssm.obs_dim}), got {tuple(x_t.shape)}")
-        state["t"] += 1
-        with pyro.plate("sequences", batch):
-            state["z"] = self.ssm.step(state["t"], state["z"], x_t)

@@ -2,7 +2,7 @@
 
 Base model for frames ``u_t`` (vectors (D,) or square images (C, H, W)), t = 1..T, ``u_0 = 0``, ``z_0 = 0``::
 
-    d_t = GRU(d_{t-1}, Enc(u_{t-1}))                  deterministic state, computed for all t up front
+    d_t = GRU(d_{t-1}, Enc(u_{t-1}))                  deterministic state, one GRU step per time step
     z_t ~ N(μ_p, σ_p),  (μ_p, σ_p) = Prior(z_{t-1}, d_t)                  site "z_{t}", (B, z_dim)
     u_t ~ N(Dec_μ(z_t, d_t), exp(Dec_logσ(z_t, d_t)))                     Gaussian output
 
@@ -20,11 +20,16 @@ so the model's log joint is the base model's log joint on ``y`` minus :math:`\\s
 one observe site per step either way, and the model trains with ``IterativeGuide(model)`` and
 ``AmortizedFilteringELBO`` unchanged. Vector frames use MLPs; image frames the DCGAN-like convolutional
 encoder/decoder of :mod:`pyro_avf.models.svg` (without skip connections).
+
+The model follows the step-model protocol of :mod:`pyro_avf.transition`: :meth:`SLVM.advance` computes the
+flow's :math:`(\\mu_\\theta, \\sigma_\\theta)` from the last ``window`` frames, advances the GRU by one step and
+calls the marked step; the carry (:class:`SLVMCarry`) is z_{t-1}, d_{t-1}, u_{t-1} and the frame window.
+:meth:`SLVM.model` is that loop, so :class:`~pyro_avf.online.OnlineFilter` streams the model as it is.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -32,12 +37,13 @@ import torch
 from torch import Tensor, nn
 
 from pyro_avf.flows import AffineAutoregressiveFlow, flow_observation
-from pyro_avf.models._layers import check_sizes, mask_context, mlp, normal_mlp
+from pyro_avf.models._layers import check_sizes, mask_context, mlp, normal_mlp, recurrent_step
 from pyro_avf.models.lgssm import validate_mask
 from pyro_avf.models.svg import LOG_SCALE_BOUND, ConvDecoder, ConvEncoder, GaussianFrame, check_frames
 from pyro_avf.step import filtering_step
+from pyro_avf.transition import run_steps
 
-__all__ = ["SLVM"]
+__all__ = ["SLVM", "SLVMCarry"]
 
 
 class _VectorOutput(nn.Module):
@@ -96,6 +102,16 @@ class SLVMGenerative(nn.Module):
         return self.rnn(e)[0]
 
 
+class SLVMCarry(NamedTuple):
+    """What step t needs from step t-1, each (B, ...): z_{t-1}, the GRU state d_{t-1}, the base model's frame
+    u_{t-1} (``y`` with a flow, else ``x``) and, with a flow, its window x_{t-w:t-1} (B, w, ...) (else None)."""
+
+    z: Tensor
+    d: Tensor
+    u: Tensor
+    window: Optional[Tensor]
+
+
 class SLVM(nn.Module):
     """Sequential latent variable model with a marked step (sites ``z_{t}``, ``x_{t}``), t = 1..T.
 
@@ -129,7 +145,10 @@ class SLVM(nn.Module):
         self.generative = SLVMGenerative(self.frame_shape, z_dim, d_dim, e_dim, hidden, nf)
         self.flow = flow
 
-    def _check(self, xs: object, mask: object) -> tuple[Tensor, Optional[Tensor]]:
+    plate_name = "sequences"
+
+    def validate(self, xs: object, mask: object = None) -> tuple[Tensor, Optional[Tensor]]:
+        """``xs`` a finite float tensor ``(B, T, *frame_shape)``, ``mask`` None or (B, T) bool; raises ValueError."""
         xs = check_frames(xs, self.frame_shape)
         return xs, validate_mask(mask, xs.size(0), xs.size(1))
 
@@ -147,33 +166,47 @@ class SLVM(nn.Module):
         t: int,
         z_prev: Tensor,
         d_t: Tensor,
-        x_t: Tensor,
+        x_t: Optional[Tensor],
         shift_t: Optional[Tensor] = None,
         scale_t: Optional[Tensor] = None,
         mask_t: Optional[Tensor] = None,
-    ) -> Tensor:
-        """z_t ~ Prior(z_{t-1}, d_t); x_t ~ p(u_t | z_t, d_t) pushed through the flow (if any). Returns z_t."""
+    ) -> tuple[Tensor, Tensor]:
+        """z_t ~ Prior(z_{t-1}, d_t); x_t ~ p(u_t | z_t, d_t) pushed through the flow (if any).
+
+        Returns (z_t, x_t): the latent and the frame (drawn when ``x_t`` is None)."""
         gen = self.generative
         loc, scale = gen.prior(torch.cat([z_prev, d_t], -1))
         with mask_context(mask_t):
             z = pyro.sample(f"z_{t}", dist.Normal(loc, scale).to_event(1))
             base = gen.output(torch.cat([z, d_t], -1))
             fn = base if shift_t is None else flow_observation(base, shift_t, scale_t)
-            pyro.sample(f"x_{t}", fn, obs=x_t)
-        return z
+            x = pyro.sample(f"x_{t}", fn, obs=x_t)
+        return z, x
+
+    def initial_state(self, batch_size: int, like: Tensor) -> SLVMCarry:
+        """The carry before step 1: z_0 = 0, d_0 = 0, u_0 = 0 and (with a flow) an all-zero window."""
+        frame = like.new_zeros(batch_size, *self.frame_shape)
+        window = None if self.flow is None else like.new_zeros(batch_size, self.flow.window, *self.frame_shape)
+        d_dim = self.generative.rnn.hidden_size
+        return SLVMCarry(like.new_zeros(batch_size, self.z_dim), like.new_zeros(batch_size, d_dim), frame, window)
+
+    def advance(self, t: int, carry: SLVMCarry, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> SLVMCarry:
+        """Step t of :mod:`pyro_avf.transition`: :math:`(\\mu_t, \\sigma_t) = \\mathrm{flow}(x_{t-w:t-1})`,
+        :math:`d_t = \\mathrm{GRU}(d_{t-1}, \\mathrm{Enc}(u_{t-1}))`, the marked :meth:`step`, then
+        :math:`u_t = (x_t - \\mu_t) / \\sigma_t` (:math:`u_t = x_t` without a flow)."""
+        gen = self.generative
+        d = recurrent_step(gen.rnn, gen.encoder(carry.u), carry.d)
+        if self.flow is None:
+            z, x = self.step(t, carry.z, d, x_t, None, None, mask_t)
+            return SLVMCarry(z, d, x, None)
+        shift, scale = self.flow.shift_and_scale(carry.window)
+        z, x = self.step(t, carry.z, d, x_t, shift, scale, mask_t)
+        return SLVMCarry(z, d, (x - shift) / scale, torch.cat([carry.window[:, 1:], x.unsqueeze(1)], 1))
 
     def model(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Score ``xs`` ``(B, T, *frame_shape)``; ``mask`` (B, T) bool is False on padding. Returns z_T."""
-        xs, mask = self._check(xs, mask)
+        xs, mask = self.validate(xs, mask)
         pyro.module("slvm", self.generative)
         if self.flow is not None:
             pyro.module("slvm_flow", self.flow)
-        us, shift, scale = self.transform(xs)
-        d = self.generative.deterministic(us)
-        z = xs.new_zeros(xs.size(0), self.z_dim)
-        with pyro.plate("sequences", xs.size(0)):
-            for t in pyro.markov(range(1, xs.size(1) + 1)):
-                i = t - 1
-                z = self.step(t, z, d[:, i], xs[:, i], None if shift is None else shift[:, i],
-                              None if scale is None else scale[:, i], None if mask is None else mask[:, i])  # fmt: skip
-        return z
+        return run_steps(self, xs, mask).z

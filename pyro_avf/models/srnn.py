@@ -2,7 +2,7 @@
 
 Generative model, time indices 1-based, x_0 = 0, d_0 = 0, z_0 = 0::
 
-    d_t = LSTM(d_{t-1}, x_{t-1})                      deterministic layer, computed for all t up front
+    d_t = LSTM(d_{t-1}, x_{t-1})                      deterministic layer, advanced step by step
     z_t ~ N(μ_p, σ_p),  (μ_p, σ_p) = prior(z_{t-1}, d_t)               site "z_{t}", (B, z_dim)
     x_t ~ p(x_t | z_t, d_t)  (Bernoulli or Normal, see ObservationHead)  site "x_{t}", (B, x_dim)
 
@@ -15,11 +15,17 @@ Baseline filter (the filtering form of SRNN's inference network, no backward RNN
     q(z_t | z_{t-1}, a_t) = N(μ_p(z_{t-1}, d_t) + Δ(z_{t-1}, a_t), σ_q(z_{t-1}, a_t))   residual mean
 
 Masked steps (``mask`` False: padding) contribute nothing: both z_t and x_t are masked, in model and guide.
+
+The model follows the step-model protocol of :mod:`pyro_avf.transition`: :meth:`SRNN.advance` takes the carry
+:class:`SRNNCarry` (z_{t-1}, x_{t-1} and the LSTM state), advances the LSTM by one step and calls the marked
+step, and :meth:`SRNN.model` is that loop, so :class:`~pyro_avf.online.OnlineFilter` streams the model as it is
+with the batch pass's numbers and memory flat in the length of the stream. (The baseline guide still runs its
+LSTM over the whole sequence up front: the same d_{1:T} up to floating-point rounding.)
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -36,8 +42,11 @@ from pyro_avf.models._layers import (
     mlp,
     normal_mlp,
     observation_mlp,
+    recurrent_step,
 )
+from pyro_avf.online import StepStream
 from pyro_avf.step import filtering_step
+from pyro_avf.transition import run_steps
 
 
 class SRNNGenerative(nn.Module):
@@ -54,6 +63,19 @@ class SRNNGenerative(nn.Module):
         """d_{1:T} (B, T, d_dim) with d_t = LSTM(d_{t-1}, x_{t-1}), x_0 = 0: depends on observations only."""
         u = torch.cat([xs.new_zeros(xs.size(0), 1, xs.size(2)), xs[:, :-1]], dim=1)
         return self.rnn(u)[0]
+
+    def recur(self, x_prev: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """One step of the same LSTM: (d_t, c_t) = LSTM((d_{t-1}, c_{t-1}), x_{t-1}), each (B, d_dim)."""
+        return recurrent_step(self.rnn, x_prev, state)
+
+
+class SRNNCarry(NamedTuple):
+    """What step t needs from step t-1, each (B, ...): z_{t-1}, x_{t-1} and the LSTM state (d_{t-1}, c_{t-1})."""
+
+    z: Tensor
+    x: Tensor
+    d: Tensor
+    c: Tensor
 
 
 class SRNNFilter(nn.Module):
@@ -101,25 +123,48 @@ class SRNN(nn.Module):
         kwargs = dict(x_dim=200, d_dim=1024, z_dim=256, a_dim=1024, hidden_dim=512, n_layers=2, likelihood="gaussian")
         return cls(**{**kwargs, **overrides})
 
+    plate_name = "sequences"
+
     @filtering_step
-    def step(self, t: int, z_prev: Tensor, d_t: Tensor, x_t: Tensor, mask_t: Optional[Tensor] = None) -> Tensor:
-        """z_t ~ N(prior(z_{t-1}, d_t)); x_t ~ p(x_t | z_t, d_t); both masked by ``mask_t``. Returns z_t (B, z_dim)."""
+    def step(
+        self, t: int, z_prev: Tensor, d_t: Tensor, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        """z_t ~ N(prior(z_{t-1}, d_t)); x_t ~ p(x_t | z_t, d_t); both masked by ``mask_t``.
+
+        Returns (z_t, x_t), each (B, ...): the latent and the observation (drawn when ``x_t`` is None)."""
         loc, scale = self.generative.prior(torch.cat([z_prev, d_t], dim=-1))
         with mask_context(mask_t):
             z = pyro.sample(f"z_{t}", dist.Normal(loc, scale).to_event(1))
-            pyro.sample(f"x_{t}", self.generative.emitter(torch.cat([z, d_t], dim=-1)), obs=x_t)
-        return z
+            x = pyro.sample(f"x_{t}", self.generative.emitter(torch.cat([z, d_t], dim=-1)), obs=x_t)
+        return z, x
+
+    def initial_state(self, batch_size: int, like: Tensor) -> SRNNCarry:
+        """The carry before step 1: z_0 = 0, x_0 = 0, d_0 = c_0 = 0."""
+        d_dim = self.generative.rnn.hidden_size
+        return SRNNCarry(like.new_zeros(batch_size, self.z_dim), like.new_zeros(batch_size, self.x_dim),
+                         like.new_zeros(batch_size, d_dim), like.new_zeros(batch_size, d_dim))  # fmt: skip
+
+    def advance(self, t: int, carry: SRNNCarry, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> SRNNCarry:
+        """Step t of :mod:`pyro_avf.transition`: :math:`d_t = \\mathrm{LSTM}(d_{t-1}, x_{t-1})`, then the marked
+        :meth:`step`; returns (z_t, x_t, d_t, c_t)."""
+        d, c = self.generative.recur(carry.x, (carry.d, carry.c))
+        z, x = self.step(t, carry.z, d, x_t, mask_t)
+        return SRNNCarry(z, x, d, c)
+
+    def validate(self, xs: object, mask: object = None) -> tuple[Tensor, Optional[Tensor]]:
+        """``xs`` (B, T, x_dim) (binary for a Bernoulli likelihood), ``mask`` None or (B, T) bool."""
+        return check_inputs(xs, mask, self.x_dim, self.likelihood)
 
     def model(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Score ``xs`` (B, T, x_dim); ``mask`` (B, T) bool is False on padding. Returns z_T (B, z_dim)."""
-        xs, mask = check_inputs(xs, mask, self.x_dim, self.likelihood)
+        xs, mask = self.validate(xs, mask)
         pyro.module("srnn", self.generative)
-        d = self.generative.deterministic(xs)
-        z = xs.new_zeros(xs.size(0), self.z_dim)
-        with pyro.plate("sequences", xs.size(0)):
-            for t in pyro.markov(range(1, xs.size(1) + 1)):
-                z = self.step(t, z, d[:, t - 1], xs[:, t - 1], None if mask is None else mask[:, t - 1])
-        return z
+        return run_steps(self, xs, mask).z
+
+    def stream(self) -> SRNNStream:
+        """This model as a stream for :class:`~pyro_avf.online.OnlineFilter`, with its own filter step by step
+        too (what ``OnlineFilter(srnn, guide)`` and :func:`~pyro_avf.online.streamed_free_energy` use)."""
+        return SRNNStream(self)
 
     def guide(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """SRNN's filtering guide q(z_t | z_{t-1}, d_t, x_t) with residual mean μ_p + Δ. Returns z_T."""
@@ -129,7 +174,7 @@ class SRNN(nn.Module):
         d = gen.deterministic(xs)
         a = inf.a_net(torch.cat([d, xs], dim=-1))
         z = xs.new_zeros(xs.size(0), self.z_dim)
-        with pyro.plate("sequences", xs.size(0)):
+        with pyro.plate(self.plate_name, xs.size(0)):
             for t in pyro.markov(range(1, xs.size(1) + 1)):
                 z = self.guide_step(t, z, d[:, t - 1], a[:, t - 1], None if mask is None else mask[:, t - 1])
         return z
@@ -144,14 +189,9 @@ class SRNN(nn.Module):
             return pyro.sample(f"z_{t}", dist.Normal(loc_p + delta, scale).to_event(1))
 
 
-class SRNNStream:
-    """:meth:`SRNN.step` one observation at a time, for :class:`~pyro_avf.online.OnlineFilter`.
-
-    The deterministic layer advances with the stream, :math:`d_t = \\mathrm{LSTM}(d_{t-1}, x_{t-1})` one step
-    per call, instead of over the whole sequence up front (the same numbers as :meth:`SRNN.model` up to
-    floating-point rounding), so memory does not grow with the length of the stream. The state holds ``t``,
-    ``z`` (B, z_dim), the previous observation ``x_prev`` (B, x_dim) and the LSTM state ``h``, ``c``
-    (B, layers, d_dim). ``step(state, None)`` simulates x_t and feeds it on.
+class SRNNStream(StepStream):
+    """:class:`~pyro_avf.online.StepStream` of an SRNN (``OnlineFilter(srnn, guide)`` makes the same), plus
+    SRNN's own filter one step at a time (:meth:`baseline_traces`).
 
     Example::
 
@@ -161,64 +201,23 @@ class SRNNStream:
     """
 
     def __init__(self, srnn: SRNN):
+        super().__init__(srnn)
         self.srnn = srnn
 
-    def init(self, state: dict, batch_size: int = 1) -> None:
-        """x_0 = 0, d_0 = 0, z_0 = 0 for ``batch_size`` streams."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        rnn = self.srnn.generative.rnn
-        state["t"] = 0
-        state["z"] = torch.zeros(batch_size, self.srnn.z_dim)
-        state["x_prev"] = torch.zeros(batch_size, self.srnn.x_dim)
-        state["h"] = torch.zeros(batch_size, rnn.num_layers, rnn.hidden_size)
-        state["c"] = torch.zeros(batch_size, rnn.num_layers, rnn.hidden_size)
-
-    def _check_observation(self, state: dict, x_t: Tensor, mask_t: Optional[Tensor]) -> None:
-        """``x_t`` (B, x_dim) of the streams' batch size, finite and in the likelihood's support; ``mask_t`` (B,)."""
-        check_inputs(x_t.unsqueeze(1), None if mask_t is None else mask_t.unsqueeze(1), self.srnn.x_dim,
-                     self.srnn.likelihood)  # fmt: skip
-        batch = state["z"].size(0)
-        if x_t.size(0) != batch:
-            raise ValueError(f"x_t must have shape ({batch}, {self.srnn.x_dim}), got {tuple(x_t.shape)}")
-
-    def advance(self, state: dict) -> Tensor:
-        """Advance the deterministic layer by one step: :math:`d_t = \\mathrm{LSTM}(d_{t-1}, x_{t-1})`."""
-        hc = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
-        d, (h, c) = self.srnn.generative.rnn(state["x_prev"].unsqueeze(1), hc)
-        state["h"], state["c"] = h.transpose(0, 1), c.transpose(0, 1)
-        state["t"] += 1
-        return d[:, 0]
-
     def baseline_traces(self, state: dict, x_t: Tensor, mask_t: Optional[Tensor] = None):
-        """One step of SRNN's own filter and of the model replayed against it (for streamed evaluation of the
-        baseline): returns the guide's and the model's trace of step t and the step's
-        :class:`~pyro_avf.free_energy.StepContext`, for :func:`pyro_avf.evaluation.score_replayed`."""
-        self._check_observation(state, x_t, mask_t)
-        d_t = self.advance(state)
-        t, batch = state["t"], x_t.size(0)
-        a_t = self.srnn.inference.a_net(torch.cat([d_t, x_t], dim=-1))
+        """One step of SRNN's own filter and of the model's :meth:`SRNN.advance` replayed against it (for streamed
+        evaluation of the baseline): returns the guide's and the model's trace of step t and the step's
+        :class:`~pyro_avf.free_energy.StepContext`, for :func:`pyro_avf.evaluation.score_replayed`. The state
+        moves on with the guide's :math:`z_t`."""
+        x_t, mask_t = self.check(state, x_t, mask_t)
+        srnn, carry, t = self.srnn, state["carry"], state["t"] + 1
+        d_t, _ = srnn.generative.recur(carry.x, (carry.d, carry.c))
+        a_t = srnn.inference.a_net(torch.cat([d_t, x_t], dim=-1))
         tagger = StepTagger()  # outside the plate, so the step's context includes it
-        with tagger, pyro.plate("sequences", batch):
-            guide_trace = poutine.trace(self.srnn.guide_step).get_trace(t, state["z"], d_t, a_t, mask_t)
-            model_trace = poutine.trace(poutine.replay(self.srnn.step, trace=guide_trace)).get_trace(
-                t, state["z"], d_t, x_t, mask_t
+        with tagger, pyro.plate(srnn.plate_name, x_t.size(0)):
+            guide_trace = poutine.trace(srnn.guide_step).get_trace(t, carry.z, d_t, a_t, mask_t)
+            model_trace = poutine.trace(poutine.replay(srnn.advance, trace=guide_trace)).get_trace(
+                t, carry, x_t, mask_t
             )
-        state["z"], state["x_prev"] = guide_trace.nodes["_RETURN"]["value"], x_t
+        state["t"], state["carry"] = t, model_trace.nodes["_RETURN"]["value"]
         return guide_trace, model_trace, tagger.contexts[0]
-
-    def step(self, state: dict, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> None:
-        """Advance by one step with observation ``x_t`` (B, x_dim), or simulate it when ``x_t`` is None.
-        ``mask_t`` (B,) bool masks the step's sites of streams that have ended (padding)."""
-        batch = state["z"].size(0)
-        if x_t is not None:
-            self._check_observation(state, x_t, mask_t)
-        d_t = self.advance(state)
-        t = state["t"]
-        with pyro.plate("sequences", batch):
-            if x_t is None:
-                trace = poutine.trace(self.srnn.step).get_trace(t, state["z"], d_t, None, mask_t)
-                state["z"], x_t = trace.nodes["_RETURN"]["value"], trace.nodes[f"x_{t}"]["value"]
-            else:
-                state["z"] = self.srnn.step(t, state["z"], d_t, x_t, mask_t)
-        state["x_prev"] = x_t

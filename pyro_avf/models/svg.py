@@ -3,7 +3,7 @@
 Generative model for frames ``x_t`` (C, H, W), t = 1..T, with ``x_0 = 0``::
 
     h_{t-1}, s_{t-1} = Enc(x_{t-1})                 frame encoding and skip features (observations only)
-    (μ_p, σ_p)_t = PriorLSTM(h_{1:t-1})             learned prior, computed for all t up front
+    (μ_p, σ_p)_t = PriorLSTM(h_{1:t-1})             learned prior, one LSTM step per time step
     z_t ~ N(μ_p, σ_p)                                                      site "z_{t}", (B, z_dim)
     g_t, c_t = PredictorLSTM([h_{t-1}, z_t], c_{t-1})                      frame predictor, carries c_t
     x_t ~ N(Dec_μ(g_t, s_{t-1}), exp(Dec_logvar(g_t, s_{t-1})))           site "x_{t}", (B, C, H, W)
@@ -19,23 +19,31 @@ Original filter (the baseline guide, :meth:`SVG.guide`)::
     q(z_t | x_{≤t}) = N(μ_q, σ_q),  (μ_q, σ_q)_t = PosteriorLSTM(Enc(x_1), ..., Enc(x_t))
 
 Masked steps (``mask`` False) contribute nothing.
+
+The model follows the step-model protocol of :mod:`pyro_avf.transition`: :meth:`SVG.advance` encodes x_{t-1},
+advances the prior LSTM by one step and calls the marked step; the carry (:class:`SVGCarry`) is x_{t-1} and the
+two LSTM states. :meth:`SVG.model` is that loop, so :class:`~pyro_avf.online.OnlineFilter` streams the model as
+it is, with memory flat in the number of frames.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
-from pyro_avf.models._layers import check_sizes, mask_context
+from pyro_avf.models._layers import check_sizes, mask_context, recurrent_step
 from pyro_avf.models.lgssm import validate_mask
 from pyro_avf.step import filtering_step
+from pyro_avf.transition import run_steps
 
-__all__ = ["SVG", "ConvDecoder", "ConvEncoder", "GaussianFrame", "check_frames"]
+__all__ = ["SVG", "SVGCarry", "ConvDecoder", "ConvEncoder", "GaussianFrame", "check_frames"]
+
+LSTMState = tuple[Tensor, Tensor]
 
 LOG_SCALE_BOUND = 7.0  # output log σ is soft-clamped to (-7, 7): σ ≥ 1e-3, below the 1/256 quantisation step
 
@@ -147,8 +155,17 @@ class _GaussianLSTM(nn.Module):
         self.head = nn.Linear(hidden, 2 * z_dim)
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        loc, logvar = self.head(self.rnn(u)[0]).chunk(2, -1)
+        return self.gaussian(self.rnn(u)[0])
+
+    def gaussian(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """LSTM output -> (μ, σ) with σ = exp(½ clamp(logvar, -20, 10))."""
+        loc, logvar = self.head(out).chunk(2, -1)
         return loc, (0.5 * logvar.clamp(-20.0, 10.0)).exp()
+
+    def step(self, u_t: Tensor, state: LSTMState) -> tuple[Tensor, Tensor, LSTMState]:
+        """One time step of :meth:`forward`: ``u_t`` (B, in_dim), LSTM ``state`` (h, c) -> (μ_t, σ_t, state)."""
+        state = recurrent_step(self.rnn, u_t, state)
+        return (*self.gaussian(state[0]), state)
 
 
 class SVGGenerative(nn.Module):
@@ -175,6 +192,15 @@ class SVGGenerative(nn.Module):
         batch, steps = xs.shape[:2]
         h, skips = self.encoder(xs.reshape(batch * steps, *xs.shape[2:]))
         return h.reshape(batch, steps, -1), [s.reshape(batch, steps, *s.shape[1:]) for s in skips]
+
+
+class SVGCarry(NamedTuple):
+    """What step t needs from step t-1, each (B, ...): the frame x_{t-1}, the prior LSTM's state and the frame
+    predictor's state."""
+
+    x: Tensor
+    prior: LSTMState
+    predictor: LSTMState
 
 
 class SVG(nn.Module):
@@ -204,7 +230,10 @@ class SVG(nn.Module):
         self.generative = SVGGenerative(self.frame_shape, g_dim, z_dim, rnn_size, nf)
         self.posterior = _GaussianLSTM(g_dim, rnn_size, z_dim)
 
-    def _check(self, xs: object, mask: object) -> tuple[Tensor, Optional[Tensor]]:
+    plate_name = "sequences"
+
+    def validate(self, xs: object, mask: object = None) -> tuple[Tensor, Optional[Tensor]]:
+        """``xs`` a finite float tensor (B, T, C, H, W), ``mask`` None or (B, T) bool; raises ValueError."""
         xs = check_frames(xs, self.frame_shape)
         return xs, validate_mask(mask, xs.size(0), xs.size(1))
 
@@ -212,44 +241,53 @@ class SVG(nn.Module):
     def step(
         self,
         t: int,
-        state: tuple[Tensor, Tensor],
+        state: LSTMState,
         h_prev: Tensor,
         skips_prev: list[Tensor],
         prior_loc: Tensor,
         prior_scale: Tensor,
-        x_t: Tensor,
+        x_t: Optional[Tensor],
         mask_t: Optional[Tensor] = None,
-    ) -> tuple[Tensor, Tensor]:
-        """z_t ~ N(μ_p, σ_p); predictor LSTM on [h_{t-1}, z_t]; x_t ~ N(Dec(g_t, skips)). Returns (h, c)."""
+    ) -> tuple[LSTMState, Tensor]:
+        """z_t ~ N(μ_p, σ_p); predictor LSTM on [h_{t-1}, z_t]; x_t ~ N(Dec(g_t, skips)).
+
+        Returns ((h, c), x_t): the predictor's state and the frame (drawn when ``x_t`` is None)."""
         gen = self.generative
         with mask_context(mask_t):
             z = pyro.sample(f"z_{t}", dist.Normal(prior_loc, prior_scale).to_event(1))
             state = gen.predictor(gen.embed(torch.cat([h_prev, z], -1)), state)
             out = gen.decoder(gen.predictor_out(state[0]), skips_prev)
-            pyro.sample(f"x_{t}", gen.output(out), obs=x_t)
-        return state
+            x = pyro.sample(f"x_{t}", gen.output(out), obs=x_t)
+        return state, x
+
+    def initial_state(self, batch_size: int, like: Tensor) -> SVGCarry:
+        """The carry before step 1: x_0 = 0 and both LSTM states 0."""
+        zeros = like.new_zeros(batch_size, self.rnn_size)
+        return SVGCarry(like.new_zeros(batch_size, *self.frame_shape), (zeros, zeros), (zeros, zeros))
+
+    def advance(self, t: int, carry: SVGCarry, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> SVGCarry:
+        """Step t of :mod:`pyro_avf.transition`: :math:`h_{t-1}, s_{t-1} = \\mathrm{Enc}(x_{t-1})`, one step of
+        the prior LSTM, :math:`(\\mu_p, \\sigma_p)_t`, then the marked :meth:`step`."""
+        gen = self.generative
+        h_prev, skips = gen.encoder(carry.x)
+        prior_loc, prior_scale, prior_state = gen.prior.step(h_prev, carry.prior)
+        state, x = self.step(t, carry.predictor, h_prev, skips, prior_loc, prior_scale, x_t, mask_t)
+        return SVGCarry(x, prior_state, state)
 
     def model(self, xs: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """Score ``xs`` (B, T, C, H, W) in [0, 1]; ``mask`` (B, T) bool is False on padding."""
-        xs, mask = self._check(xs, mask)
+        """Score ``xs`` (B, T, C, H, W) in [0, 1]; ``mask`` (B, T) bool is False on padding. Returns the frame
+        predictor's last state (h_T, c_T)."""
+        xs, mask = self.validate(xs, mask)
         pyro.module("svg", self.generative)
-        h, skips = self.generative.encode_previous(xs)
-        prior_loc, prior_scale = self.generative.prior(h)
-        state = (xs.new_zeros(xs.size(0), self.rnn_size), xs.new_zeros(xs.size(0), self.rnn_size))
-        with pyro.plate("sequences", xs.size(0)):
-            for t in pyro.markov(range(1, xs.size(1) + 1)):
-                i = t - 1
-                state = self.step(t, state, h[:, i], [s[:, i] for s in skips], prior_loc[:, i], prior_scale[:, i],
-                                  xs[:, i], None if mask is None else mask[:, i])  # fmt: skip
-        return state
+        return run_steps(self, xs, mask).predictor
 
     def guide(self, xs: Tensor, mask: Optional[Tensor] = None) -> None:
         """SVG's filter: q(z_t) = N(PosteriorLSTM(Enc(x_{1:t}))), no dependence on z_{<t}."""
-        xs, mask = self._check(xs, mask)
+        xs, mask = self.validate(xs, mask)
         pyro.module("svg_guide", self.posterior)
         pyro.module("svg", self.generative)
         loc, scale = self.posterior(self.generative.encode(xs)[0])
-        with pyro.plate("sequences", xs.size(0)):
+        with pyro.plate(self.plate_name, xs.size(0)):
             for t in pyro.markov(range(1, xs.size(1) + 1)):
                 with mask_context(None if mask is None else mask[:, t - 1]):
                     pyro.sample(f"z_{t}", dist.Normal(loc[:, t - 1], scale[:, t - 1]).to_event(1))

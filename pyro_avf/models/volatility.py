@@ -31,6 +31,7 @@ from pyro_avf.models.lgssm import (
     validate_sequences,
 )
 from pyro_avf.step import filtering_step
+from pyro_avf.transition import run_steps
 
 
 class StochasticVolatility(ParameterStore):
@@ -78,13 +79,16 @@ class StochasticVolatility(ParameterStore):
         """Prefix of the latent sites: ``"v"`` in the positive-latent form, else ``"h"``."""
         return "v" if self.positive_latent else "h"
 
-    def initial_state(self, batch: int) -> Tensor:
-        """h_0 = mu (or v_0 = exp(mu)), shape (batch, d)."""
-        h0 = self.mu.expand(batch, self.dim)
+    plate_name = "sequences"
+
+    def initial_state(self, batch_size: int, like: Optional[Tensor] = None) -> Tensor:
+        """h_0 = mu (or v_0 = exp(mu)), shape (batch_size, d): the carry before step 1
+        (:mod:`pyro_avf.transition`)."""
+        h0 = self.mu.expand(batch_size, self.dim)
         return h0.exp() if self.positive_latent else h0
 
     @filtering_step
-    def step(self, t: int, prev: Tensor, x_t: Tensor, mask_t: Optional[Tensor] = None) -> Tensor:
+    def step(self, t: int, prev: Tensor, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> Tensor:
         """One step; ``prev`` is h_{t-1} (or v_{t-1} when ``positive_latent``); returns h_t (or v_t)."""
         h_prev = prev.log() if self.positive_latent else prev
         loc = self.mu + self.phi * (h_prev - self.mu)
@@ -98,19 +102,22 @@ class StochasticVolatility(ParameterStore):
             pyro.sample(f"x_{t}", dist.Normal(torch.zeros_like(obs_scale), obs_scale).to_event(1), obs=x_t)
         return state
 
+    def advance(self, t: int, prev: Tensor, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> Tensor:
+        """Step t: the marked :meth:`step`; the carry is h_t (or v_t)."""
+        return self.step(t, prev, x_t, mask_t)
+
+    def validate(self, xs: object, mask: object = None) -> tuple[Tensor, Optional[Tensor]]:
+        """``xs`` (B, T, d) of the parameters' dtype and ``mask`` None or (B, T) bool; raises ValueError."""
+        xs = validate_sequences(xs, self.dim, self.mu.dtype)
+        return xs, validate_mask(mask, xs.size(0), xs.size(1))
+
     def model(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Score ``xs`` (B, T, d); ``mask`` (B, T) bool hides observations where False. Returns the last
         latent state (B, d)."""
-        xs = validate_sequences(xs, self.dim, self.mu.dtype)
-        batch, steps, _ = xs.shape
-        mask = validate_mask(mask, batch, steps)
+        xs, mask = self.validate(xs, mask)
         if self.learnable:
             pyro.module("stochastic_volatility", self)
-        state = self.initial_state(batch)
-        with pyro.plate("sequences", batch):
-            for t in pyro.markov(range(1, steps + 1)):
-                state = self.step(t, state, xs[:, t - 1], None if mask is None else mask[:, t - 1])
-        return state
+        return run_steps(self, xs, mask)
 
     @torch.no_grad()
     def sample(self, num_sequences: int, T: int, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -6,9 +6,10 @@ Generative model, time indices 1-based, h_0 = c_0 = 0 (LSTM state)::
     x_t ~ p(x_t | φz(z_t), h_{t-1})  (Bernoulli or Normal)             site "x_{t}", (B, x_dim)
     h_t = LSTM(h_{t-1}, [φx(x_t), φz(z_t)])
 
-φx, φz, prior, emitter and the guide's encoder are ReLU MLPs with ``n_layers`` hidden layers. h depends on
-z, so the step takes the LSTM state (h_{t-1}, c_{t-1}) and returns (h_t, c_t). The feature φx(x_t) depends
-on the observations only and is computed for the whole sequence before the time loop.
+φx, φz, prior, emitter and the guide's encoder are ReLU MLPs with ``n_layers`` hidden layers. The marked step
+samples z_t and x_t given h_{t-1} and returns (z_t, x_t); the deterministic recurrence h_t runs after it, in
+:meth:`VRNN.advance` (the step-model protocol of :mod:`pyro_avf.transition`, carry (h_{t-1}, c_{t-1})), so
+:class:`~pyro_avf.online.OnlineFilter` streams the model as it is, and a simulated x_t feeds the recurrence.
 
 Baseline filter (Chung et al.'s encoder, filtering by construction)::
 
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from pyro_avf.models._layers import check_inputs, check_sizes, mask_context, mlp, normal_mlp, observation_mlp
 from pyro_avf.step import filtering_step
+from pyro_avf.transition import run_steps
 
 LSTMState = tuple[Tensor, Tensor]
 
@@ -86,36 +88,43 @@ class VRNN(nn.Module):
         kwargs = dict(x_dim=200, h_dim=2000, z_dim=200, phi_dim=600, hidden_dim=500, n_layers=4)
         return cls(**{**kwargs, "likelihood": "gaussian", **overrides})
 
-    def initial_state(self, batch: int, like: Tensor) -> LSTMState:
-        """(h_0, c_0) = (0, 0), each (batch, h_dim)."""
-        return like.new_zeros(batch, self.h_dim), like.new_zeros(batch, self.h_dim)
+    plate_name = "sequences"
+
+    def initial_state(self, batch_size: int, like: Tensor) -> LSTMState:
+        """(h_0, c_0) = (0, 0), each (batch_size, h_dim): the carry before step 1."""
+        return like.new_zeros(batch_size, self.h_dim), like.new_zeros(batch_size, self.h_dim)
 
     @filtering_step
     def step(
-        self, t: int, state: LSTMState, phi_x_t: Tensor, x_t: Tensor, mask_t: Optional[Tensor] = None
-    ) -> LSTMState:
+        self, t: int, h_prev: Tensor, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
         """z_t ~ N(prior(h_{t-1})); x_t ~ p(x_t | φz(z_t), h_{t-1}); both masked by ``mask_t``.
 
-        ``state`` = (h_{t-1}, c_{t-1}); ``phi_x_t`` = φx(x_t) (B, phi_dim). Returns (h_t, c_t).
+        Returns (z_t, x_t): the latent and the observation (drawn when ``x_t`` is None).
         """
-        gen, h = self.generative, state[0]
-        loc, scale = gen.prior(h)
+        gen = self.generative
+        loc, scale = gen.prior(h_prev)
         with mask_context(mask_t):
             z = pyro.sample(f"z_{t}", dist.Normal(loc, scale).to_event(1))
-            phi_z = gen.phi_z(z)
-            pyro.sample(f"x_{t}", gen.emitter(torch.cat([phi_z, h], dim=-1)), obs=x_t)
-        return gen.recur(state, phi_x_t, phi_z)
+            x = pyro.sample(f"x_{t}", gen.emitter(torch.cat([gen.phi_z(z), h_prev], dim=-1)), obs=x_t)
+        return z, x
+
+    def advance(self, t: int, state: LSTMState, x_t: Optional[Tensor], mask_t: Optional[Tensor] = None) -> LSTMState:
+        """Step t of :mod:`pyro_avf.transition`: the marked :meth:`step` on h_{t-1}, then
+        (h_t, c_t) = LSTM((h_{t-1}, c_{t-1}), [φx(x_t), φz(z_t)]). Returns (h_t, c_t)."""
+        z, x = self.step(t, state[0], x_t, mask_t)
+        gen = self.generative
+        return gen.recur(state, gen.phi_x(x), gen.phi_z(z))
+
+    def validate(self, xs: object, mask: object = None) -> tuple[Tensor, Optional[Tensor]]:
+        """``xs`` (B, T, x_dim) (binary for a Bernoulli likelihood), ``mask`` None or (B, T) bool."""
+        return check_inputs(xs, mask, self.x_dim, self.likelihood)
 
     def model(self, xs: Tensor, mask: Optional[Tensor] = None) -> LSTMState:
         """Score ``xs`` (B, T, x_dim); ``mask`` (B, T) bool is False on padding. Returns (h_T, c_T)."""
-        xs, mask = check_inputs(xs, mask, self.x_dim, self.likelihood)
+        xs, mask = self.validate(xs, mask)
         pyro.module("vrnn", self.generative)
-        phi_x = self.generative.phi_x(xs)
-        state = self.initial_state(xs.size(0), xs)
-        with pyro.plate("sequences", xs.size(0)):
-            for t in pyro.markov(range(1, xs.size(1) + 1)):
-                state = self.step(t, state, phi_x[:, t - 1], xs[:, t - 1], None if mask is None else mask[:, t - 1])
-        return state
+        return run_steps(self, xs, mask)
 
     def guide(self, xs: Tensor, mask: Optional[Tensor] = None) -> LSTMState:
         """VRNN's encoder q(z_t | φx(x_t), h_{t-1}), with h advanced on the guide's own z_t. Returns (h_T, c_T)."""
@@ -124,7 +133,7 @@ class VRNN(nn.Module):
         gen = self.generative
         phi_x = gen.phi_x(xs)
         state = self.initial_state(xs.size(0), xs)
-        with pyro.plate("sequences", xs.size(0)):
+        with pyro.plate(self.plate_name, xs.size(0)):
             for t in pyro.markov(range(1, xs.size(1) + 1)):
                 loc, scale = self.inference(torch.cat([phi_x[:, t - 1], state[0]], dim=-1))
                 with mask_context(None if mask is None else mask[:, t - 1]):

@@ -419,10 +419,10 @@ class FinalRun:
 
     def return_is_local(self, trace, value) -> bool:
         """Whether later steps can only depend on this step's latents through returned latent samples
-        themselves (true when the step returns z_t, as SRNN, DMM and the LG-SSM do; false when it returns a
-        state computed from z_t, as VRNN does), found on the autograd graph. When true, the final run samples
-        from λ_K itself and the returned z_t are detached: the same gradients in one backward pass; otherwise
-        every step pays one extra ``autograd.grad`` for the surrogate."""
+        themselves (true when the step returns z_t, as every reference model does; false when it returns a
+        state computed from z_t, e.g. an RNN state updated inside the step), found on the autograd graph. When
+        true, the final run samples from λ_K itself and the returned z_t are detached: the same gradients in one
+        backward pass; otherwise every step pays one extra ``autograd.grad`` for the surrogate."""
         latents = {id(trace.nodes[name]["value"]) for name in self.latent_names}
         leaves = {id(p) for lam in self.lambdas for p in lam}
         others = [

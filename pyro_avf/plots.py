@@ -13,12 +13,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
@@ -56,24 +57,53 @@ def _save(fig, path: PathLike) -> Path:
     return path
 
 
-def plot_training_curves(results: pd.DataFrame, path: PathLike) -> Path:
-    """Panels against ``epoch``: ``train_loss_per_step`` and, where the rows have them,
-    ``valid_free_energy_per_step`` and ``test_free_energy_per_step`` (nats; epochs without a value skipped)."""
+SPLIT_NAMES = {"train_loss_per_step": "train", "valid_free_energy_per_step": "valid",
+               "test_free_energy_per_step": "test"}  # fmt: skip
+
+
+def _songs(counts: Optional[Dict[str, int]], split: str) -> str:
+    n = (counts or {}).get(split)
+    return "" if n is None else f", {n} sequences"
+
+
+def _epoch_axis(ax) -> None:
+    """Integer epoch ticks and plain numbers (no offset or scientific notation) on both axes."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+
+
+def plot_training_curves(results: pd.DataFrame, path: PathLike, counts: Optional[Dict[str, int]] = None) -> Path:
+    """Against ``epoch`` (every epoch that has a value, integer ticks): ``train_loss_per_step`` (the β-weighted
+    loss over the epoch's crops) and ``valid_free_energy_per_step`` / ``test_free_energy_per_step`` (nats per
+    step on whole sequences). A series with at least three values gets a panel of its own; sparser ones (e.g.
+    one test score at the end) are drawn as labelled markers in the training panel. ``counts``: the number of
+    sequences per split (``"train"``, ``"valid"``, ``"test"``), shown in the titles and legends."""
     missing = {"epoch", "train_loss_per_step"} - set(results.columns)
     if missing:
         raise ValueError(f"results are missing the columns {sorted(missing)}")
-    panels = {"train_loss_per_step": "train loss / step", "valid_free_energy_per_step": "validation free energy / "
-              "step", "test_free_energy_per_step": "test free energy / step"}  # fmt: skip
-    panels = {c: title for c, title in panels.items() if c in results and results[c].notna().any()}
-    fig = Figure(figsize=(4.5 * len(panels), 3.5))
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    for ax, (column, title) in zip(axes, panels.items()):
-        rows = results[["epoch", column]].dropna()
-        ax.plot(rows["epoch"], rows[column], marker="o", markersize=3)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("nats")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+    present = {c: results[["epoch", c]].dropna() for c in SPLIT_NAMES if c in results and results[c].notna().any()}
+    own = [c for c, rows in present.items() if c == "train_loss_per_step" or len(rows) >= 3]
+    fig = Figure(figsize=(4.8 * len(own), 3.6))
+    axes = dict(zip(own, np.atleast_1d(fig.subplots(1, len(own)))))
+    for column, rows in present.items():
+        split = SPLIT_NAMES[column]
+        what = "train loss" if split == "train" else f"{'validation' if split == 'valid' else 'test'} free energy"
+        label = f"{what} ({split}{_songs(counts, split)})"
+        if column in axes:
+            ax = axes[column]
+            ax.plot(rows["epoch"], rows[column], marker="o", markersize=3, label=label)
+            ax.set_title(f"{what} / step{_songs(counts, split)}")
+            ax.set_ylabel("nats / step")
+            _epoch_axis(ax)
+        else:
+            ax = axes["train_loss_per_step"]
+            ax.plot(rows["epoch"], rows[column], linestyle="none", marker="D", markersize=7, label=label)
+            for epoch, value in zip(rows["epoch"], rows[column]):
+                ax.annotate(f"{value:.3f}", (epoch, value), textcoords="offset points", xytext=(-8, 8), ha="right")
+    if len(present) > 1 and any(c not in axes for c in present):
+        axes["train_loss_per_step"].legend(fontsize="small")
     return _save(fig, path)
 
 
@@ -88,15 +118,21 @@ def mean_free_energy_per_iteration(free_energy: torch.Tensor, observed: torch.Te
     return ((free_energy * m).sum((0, 1)) / m.sum().clamp_min(1)).detach().cpu().numpy()
 
 
-def plot_free_energy_per_iteration(free_energy: torch.Tensor, observed: torch.Tensor, path: PathLike) -> Path:
-    """Average step free energy (nats) after inference iteration k = 0 (the prior) .. K."""
+def plot_free_energy_per_iteration(free_energy: torch.Tensor, observed: torch.Tensor, path: PathLike,
+                                   title: Optional[str] = None) -> Path:  # fmt: skip
+    """Average step free energy (nats) after inference iteration k = 0 (the prior prediction) .. K, each point
+    labelled with its value; ``title`` (default: the number of sequences) says what was scored."""
     curve = mean_free_energy_per_iteration(free_energy, observed)
-    fig = Figure(figsize=(4.5, 3.5))
+    fig = Figure(figsize=(4.8, 3.6))
     ax = fig.subplots()
     ax.plot(np.arange(len(curve)), curve, marker="o")
-    ax.set_xlabel("inference iteration")
+    for k, value in enumerate(curve):
+        ax.annotate(f"{value:.2f}", (k, value), textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel("inference iteration k (0: prior prediction)")
     ax.set_ylabel("free energy / step (nats)")
     ax.set_xticks(np.arange(len(curve)))
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    ax.set_title(title or f"free energy per inference iteration ({free_energy.size(0)} sequences)")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -164,13 +200,14 @@ def prediction_and_reconstruction(model: Callable, guide: Callable, xs: torch.Te
 
 
 def plot_run(folder: PathLike, results: pd.DataFrame, model: Callable, guide: Callable, data: Sequences,
-             seed: int = 0) -> List[Path]:  # fmt: skip
+             seed: int = 0, counts: Optional[Dict[str, int]] = None, split: str = "test") -> List[Path]:  # fmt: skip
     """The figures of a run in ``folder``: :data:`CURVES_PNG` from ``results``; with an IterativeGuide,
     :data:`PER_ITERATION_PNG` over the first four sequences of ``data``; when the data are binary
     (time, keys) rolls (music), :data:`PIANO_ROLL_PNG` of the first one. ``model`` is the Pyro program; the
-    random numbers come from ``seed`` under a forked generator."""
+    random numbers come from ``seed`` under a forked generator. ``counts``: sequences per split, for the titles;
+    ``split``: which split ``data`` comes from."""
     folder = Path(folder)
-    paths = [plot_training_curves(results, folder / CURVES_PNG)]
+    paths = [plot_training_curves(results, folder / CURVES_PNG, counts)]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         xs, mask = collate(data.items[:4], data.masked)
@@ -180,8 +217,9 @@ def plot_run(folder: PathLike, results: pd.DataFrame, model: Callable, guide: Ca
             elbo.loss(model, guide, *args)
             diag = elbo.diagnostics
             if "free_energy" in diag:
+                title = f"free energy per inference iteration\n(first {len(xs)} {split} sequences, trained guide)"
                 paths.append(plot_free_energy_per_iteration(diag["free_energy"], diag["observed"],
-                                                            folder / PER_ITERATION_PNG))  # fmt: skip
+                                                            folder / PER_ITERATION_PNG, title))  # fmt: skip
         song = data.items[0][0]
         if data.masked and song.dim() == 2 and bool(((song == 0) | (song == 1)).all()):
             one = song.unsqueeze(0)

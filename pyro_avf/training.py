@@ -463,9 +463,10 @@ class _Run:
         with atomic_write(self.out_dir / RESULTS, "w") as f:
             pd.DataFrame(self.rows).to_csv(f, index=False)
         if plot and self.options.plots:
-            figures = self.data.get("test") or self.data.get("valid") or self.data["train"]
+            split = next(name for name in ("test", "valid", "train") if self.data.get(name))
+            counts = {name: len(data) for name, data in self.data.items() if data}
             plot_run(self.out_dir, pd.DataFrame(self.rows), self.trainer.model_fn, self.trainer.guide,
-                           figures.head(4), self.options.seed)  # fmt: skip
+                     self.data[split].head(4), self.options.seed, counts, split)  # fmt: skip
         save_checkpoint(self.out_dir / CHECKPOINT, version=CHECKPOINT_VERSION, epoch=row["epoch"],
                         wall_time=self.wall, config=self.options.config, **self.trainer.state_dict(), rng=rng_state(),
                         best_valid=self.best_valid, best_epoch=self.best_epoch, stale=self.stale)  # fmt: skip

@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, default=10.0, help="element-wise gradient clipping (ClippedAdam)")
     p.add_argument("--kl-anneal-epochs", type=int, default=50, help="β rises linearly to 1 over these epochs")
     p.add_argument("--seed", type=int, default=0, help="random seed of the parameters, crops and noise")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="where the model, the guide and the batches live (auto: cuda when a GPU is available)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (None: torch's choice)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of this invocation "
                    "(None: no limit)")  # fmt: skip
@@ -214,6 +216,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in positive + [n for n in optional_positive if getattr(args, n) is not None]:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); use "
+                     "--device cpu or --device auto")  # fmt: skip
     if args.iterations < 0:
         parser.error(f"--iterations must be >= 0, got {args.iterations}")
     if args.inference == "em" and args.iterations < 1:
@@ -380,7 +385,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             valid_every=args.valid_every or 1, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
             stream=as_stream, max_minutes=args.max_minutes, out_dir=out_dir,
             resume=args.resume, overwrite=args.overwrite, config=run_config(args), plots=not args.no_plots,
-            columns=functools.partial(results_row, args, world), seed=args.seed,
+            columns=functools.partial(results_row, args, world), seed=args.seed, device=resolve_device(args.device),
             on_batch=kill_after(args.simulate_kill_after),
         )  # fmt: skip
     except (RunFolderError, CheckpointError) as err:
@@ -390,6 +395,13 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         print(f"results in {out_dir}: test free energy {row['test_free_energy_per_step']:.4f} nats/step "
               f"(epoch {row['epoch']})", flush=True)  # fmt: skip
     return row
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` is CUDA when a GPU is available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

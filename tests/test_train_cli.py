@@ -5,6 +5,7 @@ folders are named by their settings, locked, written atomically and never overwr
 checkpoints and data files end the command with one line naming them."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -412,3 +413,16 @@ def test_the_cpu_preset_sets_its_options_and_explicit_options_win():
     assert train.run_config(cpu) != train.run_config(train.parse_args(train.build_parser(), ["--preset", "cpu"]))
     with pytest.raises(SystemExit):
         train.parse_args(train.build_parser(), ["--preset", "fast"])
+
+
+def test_device_auto_runs_where_it_can_and_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    has_gpu = torch.cuda.is_available()
+    assert train.resolve_device("auto").type == ("cuda" if has_gpu else "cpu")
+    row = train.main([*TINY, "--epochs", "1", "--max-train-batches", "1", "--device", "auto", "--no-plots",
+                      "--out-dir", str(tmp_path / "auto")])  # fmt: skip
+    assert row["epoch"] == 1 and math.isfinite(row["test_free_energy_per_step"])
+    if not has_gpu:
+        with pytest.raises(SystemExit) as exc:
+            train.main([*TINY, "--device", "cuda", "--out-dir", str(tmp_path / "cuda")])
+        assert exc.value.code == 2 and "--device cuda: no CUDA device is available" in capsys.readouterr().err
+        assert not (tmp_path / "cuda").exists()

@@ -7,7 +7,7 @@ the LSTM over the whole sequence, from what the guide keeps), the same guide str
 time through :class:`~pyro_avf.online.OnlineFilter` with :class:`~pyro_avf.models.srnn.SRNNStream` (the
 deterministic LSTM advanced step by step instead of over the whole song up front), SRNN's baseline
 filtering guide (traced over the whole song, model replayed), and that guide streamed step by step
-(``baseline_streaming``: :func:`pyro_avf.train.streamed_baseline_free_energy`, what the training command's
+(``baseline_streaming``: :func:`pyro_avf.online.streamed_free_energy` with ``srnn.guide``, what the training command's
 evaluation runs).
 
 Each (guide, T) runs in a fresh subprocess: after a 5-step warm-up (lazy update networks, first-call
@@ -62,8 +62,7 @@ def child(guide_name: str, steps: int, hidden_size: int, model_size=None) -> Dic
     from pyro_avf.evaluation import filtering_free_energy, mean_free_energy_per_step
     from pyro_avf.guide import IterativeGuide
     from pyro_avf.models.srnn import SRNN, SRNNStream
-    from pyro_avf.online import OnlineFilter
-    from pyro_avf.train import streamed_baseline_free_energy
+    from pyro_avf.online import OnlineFilter, streamed_free_energy
 
     if guide_name not in GUIDES:
         raise ValueError(f"unknown guide {guide_name!r}; known: {GUIDES}")
@@ -92,7 +91,7 @@ def child(guide_name: str, steps: int, hidden_size: int, model_size=None) -> Dic
         total = sum(stream.step(xs[:, t]).free_energy.sum().item() for t in range(steps))
         out = {"free_energy": torch.tensor([[total / steps]]), "observed": torch.ones(1, 1, dtype=torch.bool)}
     elif guide_name == "baseline_streaming":  # what pyro_avf.train's evaluation runs for SRNN's own filter
-        total, _ = streamed_baseline_free_energy(srnn, xs, mask)
+        total, _ = streamed_free_energy(srnn, srnn.guide, xs, mask)
         out = {"free_energy": torch.tensor([[total / steps]]), "observed": torch.ones(1, 1, dtype=torch.bool)}
     else:
         out = filtering_free_energy(srnn.model, guide, xs, mask)

@@ -85,7 +85,6 @@ from pyro_avf.models.dmm import DMM
 from pyro_avf.models.srnn import SRNN
 from pyro_avf.models.vrnn import VRNN
 from pyro_avf.online import as_stream
-from pyro_avf.online import streamed_free_energy as stream_free_energy
 from pyro_avf.run_folder import RunFolderError, config_digest
 from pyro_avf.trainer import Trainable, Trainer
 from pyro_avf.training import BEST, CHECKPOINT, RESULTS, fit
@@ -301,18 +300,6 @@ def load_songs(args: argparse.Namespace, split: str) -> List[Tensor]:
     except (OSError, ValueError) as err:  # a failed download, or a file that passes its checksum but not parsing
         message = f"cannot load the {args.dataset} {split} data: {err}"
     raise SystemExit(" ".join(message.split()))
-
-
-def streamed_free_energy(srnn: SRNN, guide: Callable, xs: Tensor, mask: Tensor) -> Tuple[float, float]:
-    """:math:`\\sum m\\mathcal{F}` and :math:`\\sum m` of padded songs, SRNN filtered one step at a time by
-    ``guide`` (:func:`pyro_avf.online.streamed_free_energy`)."""
-    return stream_free_energy(srnn, guide, xs, mask)
-
-
-def streamed_baseline_free_energy(srnn: SRNN, xs: Tensor, mask: Tensor) -> Tuple[float, float]:
-    """:func:`streamed_free_energy` for SRNN's own filter: each step's guide is traced, the model step replayed
-    against it and scored, then both traces are dropped."""
-    return stream_free_energy(srnn, srnn.guide, xs, mask)
 
 
 def run_config(args: argparse.Namespace) -> Dict[str, Any]:

@@ -170,7 +170,7 @@ def test_srnn_stream_matches_the_batch_pass_and_predicts():
 
 def test_cli_evaluation_streams_padded_songs_like_the_batch_pass():
     from pyro_avf.models.srnn import SRNN
-    from pyro_avf.train import streamed_free_energy
+    from pyro_avf.online import streamed_free_energy
 
     srnn = SRNN.music(d_dim=12, a_dim=12, hidden_dim=12, z_dim=4)
     guide = IterativeGuide(srnn.model, num_iterations=2, hidden_size=16)
@@ -192,7 +192,7 @@ def test_cli_evaluation_streams_padded_songs_like_the_batch_pass():
 
 def test_cli_evaluation_streams_srnns_own_filter_like_the_replayed_pass():
     from pyro_avf.models.srnn import SRNN
-    from pyro_avf.train import streamed_baseline_free_energy
+    from pyro_avf.online import streamed_free_energy
 
     srnn = SRNN.music(d_dim=12, a_dim=12, hidden_dim=12, z_dim=4)
     xs = (torch.rand(3, 30, 88) < 0.1).float()
@@ -202,7 +202,7 @@ def test_cli_evaluation_streams_srnns_own_filter_like_the_replayed_pass():
     pyro.set_rng_seed(4)
     batch = filtering_free_energy(srnn.model, srnn.guide, xs, mask)
     pyro.set_rng_seed(4)
-    total, steps = streamed_baseline_free_energy(srnn, xs, mask)
+    total, steps = streamed_free_energy(srnn, srnn.guide, xs, mask)
     assert steps == mask.sum().item() == 12 + 30 + 30
     expected = (batch["free_energy"] * (batch["observed"] & mask)).sum().item()
     assert total == pytest.approx(expected, rel=1e-4)

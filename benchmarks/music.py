@@ -1,16 +1,28 @@
-"""Polyphonic music: SRNN with AVF (K=1, K=5) and with its baseline filter under the same wall-clock budget.
+"""Polyphonic music, the AVF paper's Table 3 made fair: SRNN with its own filter, AVF K=1 and AVF K=5.
 
-Each (data set, method) is one ``python -m pyro_avf.train`` run in its own process (sequentially, so runs do
-not compete for the cores; or, with ``--concurrent``, a data set's methods at once, so that a machine whose load
-drifts treats them alike) with ``--max-minutes`` as the training budget; the CLI then evaluates the test free
-energy per step on whole test songs (``--max-eval-songs`` caps the songs for quick runs). The table puts
-the last row of each run's ``results.csv`` beside the AVF paper's SRNN numbers (Marino et al. 2018, Table 2,
-test free energy in nats per step).
+Every method is trained by ``python -m pyro_avf.train`` with the same schedule (``--epochs``, the same crops, KL
+annealing, learning rates, regularisation and seed) and the same objective estimator (the analytic KL: AVF's
+``AmortizedFilteringELBO`` and ``TraceMeanField_ELBO`` for the baseline); the parameters are selected on the
+validation songs (``--valid-every``, our normalisation) and the selected parameters are scored on all the
+test songs in both normalisations (:class:`pyro_avf.evaluation.FreeEnergy`):
+
+- ``per_step`` (ours): the total free energy over all test steps divided by their number;
+- ``paper`` (the AVF paper's code): each song's first step left out, each song's sum divided by its length,
+  then the mean over songs.
+
+Each (data set, method, seed) is one run folder under ``--out-root``; a run that exists is resumed (its
+checkpoint), so an interrupted benchmark continues where it stopped. ``--max-minutes`` bounds one invocation
+of a run (it then stops after the epoch under way and is resumed by the next invocation). When a run has all
+its epochs, its two rows (one per normalisation) replace that run's rows in ``--csv``
+(``benchmarks/results/music.csv``): ``dataset, inference, iterations, seed, normalisation,
+test_free_energy_per_step, valid_free_energy_per_step, epochs, updates, cpu_hours, commit`` (``cpu_hours``:
+training CPU time of all threads, evaluations excluded; ``commit``: the code that started the run, ``+dirty``
+when it had uncommitted changes).
 
 Usage::
 
-    python benchmarks/music.py --minutes 60 --datasets jsb_chorales piano_midi muse_data nottingham
-    python benchmarks/music.py --minutes 3 --max-eval-songs 16     # a quick look at the table format
+    python benchmarks/music.py --datasets jsb_chorales --methods baseline avf_k1 avf_k5 --epochs 100 --seeds 0
+    python benchmarks/music.py --epochs 2 --max-eval-songs 8 --csv /tmp/music.csv   # a quick look
 """
 
 from __future__ import annotations
@@ -25,104 +37,129 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("piano_midi", "muse_data", "jsb_chorales", "nottingham")
-PAPER: Dict[str, Dict[str, float]] = {  # AVF paper, Table 2: SRNN test free energy (nats per step)
-    "avf": {"piano_midi": 8.12, "muse_data": 5.99, "jsb_chorales": 6.77, "nottingham": 3.13},
+PAPER: Dict[str, Dict[str, float]] = {  # AVF paper, Table 3 (JSB K=1: §4.2.2), in the paper's normalisation
+    "avf_k5": {"piano_midi": 8.12, "muse_data": 5.99, "jsb_chorales": 6.77, "nottingham": 3.13},
+    "avf_k1": {"jsb_chorales": 6.97},
     "baseline": {"piano_midi": 8.19, "muse_data": 6.27, "jsb_chorales": 6.92, "nottingham": 3.19},
 }
 METHODS = {"avf_k1": ("avf", 1), "avf_k5": ("avf", 5), "baseline": ("baseline", 0)}
+COLUMNS = ["dataset", "inference", "iterations", "seed", "normalisation", "test_free_energy_per_step",
+           "valid_free_energy_per_step", "epochs", "updates", "cpu_hours", "commit"]  # fmt: skip
+# the schedule every method shares (the CLI's "cpu" preset, without its 10-minute budget, with validation)
+SCHEDULE = ["--preset", "cpu", "--valid-every", "5", "--lr-drop-patience", "2", "--lr-drop-factor", "0.3"]
 
 
-def train_command(
-    dataset: str, method: str, minutes: float, out_dir: Path, threads: int, extra: Sequence[str] = ()
-) -> List[str]:
-    """The ``pyro_avf.train`` command line of one run (no intermediate evaluations, no plots)."""
+def commit() -> str:
+    """The code's commit, ``+dirty`` when tracked files differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()  # fmt: skip
+    return (head.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+
+
+def train_command(dataset: str, method: str, seed: int, epochs: int, out_dir: Path, threads: int,
+                  max_minutes: Optional[float], extra: Sequence[str]) -> List[str]:  # fmt: skip
+    """The ``pyro_avf.train`` command line of one run (resumed when its folder holds a checkpoint)."""
     inference, k = METHODS[method]
-    return [
-        sys.executable, "-m", "pyro_avf.train", "--model", "srnn", "--dataset", dataset, "--inference", inference,
-        "--iterations", str(k), "--max-minutes", str(minutes), "--epochs", "1000000", "--eval-every", "1000000",
-        "--threads", str(threads), "--no-plots", "--out-dir", str(out_dir), *extra,
-    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "pyro_avf.train", "--model", "srnn", "--dataset", dataset, "--inference", inference,
+           "--iterations", str(k), "--seed", str(seed), "--epochs", str(epochs), *SCHEDULE,
+           "--max-minutes", str(max_minutes or 10**6), "--threads", str(threads), "--no-plots",
+           "--out-dir", str(out_dir), *extra]  # fmt: skip
+    return cmd + (["--resume"] if (out_dir / "checkpoint.pt").is_file() else [])
 
 
-def start_one(dataset: str, method: str, minutes: float, out_root: Path, threads: int, extra: Sequence[str]):
-    """Start the training process of one (data set, method); returns (process, command, output folder)."""
-    out_dir = out_root / f"srnn_{dataset}_{method}"
+def run(dataset: str, method: str, seed: int, args: argparse.Namespace, extra: Sequence[str]) -> Optional[List[dict]]:
+    """Train (or resume) one run; its two result rows when all its epochs are done, else None."""
+    out_dir = Path(args.out_root) / f"srnn-{dataset}-{method}-seed{seed}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = train_command(dataset, method, minutes, out_dir, threads, extra)
-    with open(out_dir / "train.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-    return proc, cmd, out_dir
+    if not (out_dir / "commit.txt").is_file():
+        (out_dir / "commit.txt").write_text(commit() + "\n")
+    cmd = train_command(dataset, method, seed, args.epochs, out_dir, args.threads, args.max_minutes, extra)
+    print(" ".join(cmd[1:]), flush=True)
+    with open(out_dir / "train.log", "a") as log:
+        if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed; see {out_dir / 'train.log'}")
+    history = pd.read_csv(out_dir / "results.csv")
+    last = history.iloc[-1]
+    if last["epoch"] < args.epochs:
+        print(f"  {out_dir}: {int(last['epoch'])} of {args.epochs} epochs done; run again to continue", flush=True)
+        return None
+    best = history[history["epoch"] == last["tested_epoch"]].iloc[-1]
+    inference, k = METHODS[method]
+    common = {"dataset": dataset, "inference": inference, "iterations": k, "seed": seed, "epochs": int(last["epoch"]),
+              "updates": int(last["updates"]), "cpu_hours": last["cpu_time_s"] / 3600,
+              "commit": (out_dir / "commit.txt").read_text().strip()}  # fmt: skip
+    rows = [
+        {**common, "normalisation": "per_step", "test_free_energy_per_step": last["test_free_energy_per_step"],
+         "valid_free_energy_per_step": best["epoch_valid_free_energy_per_step"]},
+        {**common, "normalisation": "paper", "test_free_energy_per_step": last["test_free_energy_paper"],
+         "valid_free_energy_per_step": best["valid_free_energy_paper"]},
+    ]  # fmt: skip
+    print(f"  {method} seed {seed}: test {rows[0]['test_free_energy_per_step']:.3f} (ours) "
+          f"{rows[1]['test_free_energy_per_step']:.3f} (paper's), selected epoch {int(last['tested_epoch'])}")
+    return rows
 
 
-def finish_one(dataset: str, method: str, started) -> dict:
-    """Wait for a run; returns its last results row plus the paper's number."""
-    proc, cmd, out_dir = started
-    if proc.wait():
-        tail = (out_dir / "train.log").read_text()[-3000:]
-        raise RuntimeError(f"{' '.join(cmd)} failed with code {proc.returncode}:\n{tail}")
-    row = pd.read_csv(out_dir / "results.csv").iloc[-1].to_dict()
-    row["method"] = method
-    row["paper"] = PAPER[METHODS[method][0]][dataset]
-    return row
+def merge(csv: Path, rows: List[dict]) -> pd.DataFrame:
+    """``csv`` with the rows of the same (dataset, inference, iterations, seed) replaced by ``rows``."""
+    new = pd.DataFrame(rows, columns=COLUMNS)
+    if csv.is_file():
+        old = pd.read_csv(csv)
+        keys = ["dataset", "inference", "iterations", "seed"]
+        replaced = old.set_index(keys).index.isin(new.set_index(keys).index)
+        new = pd.concat([old[~replaced], new], ignore_index=True)
+    new = new.sort_values(["dataset", "inference", "iterations", "seed", "normalisation"], ignore_index=True)
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    new.to_csv(csv, index=False, float_format="%.4f")
+    return new
 
 
-def run_one(dataset: str, method: str, minutes: float, out_root: Path, threads: int, extra: Sequence[str]) -> dict:
-    """Train and evaluate one (data set, method) on its own."""
-    return finish_one(dataset, method, start_one(dataset, method, minutes, out_root, threads, extra))
-
-
-def markdown(rows: List[dict], minutes: float, eval_songs: Optional[int]) -> str:
-    """The results table (one row per data set and method)."""
-    songs = "all" if eval_songs is None else f"first {eval_songs}"
-    lines = [
-        f"Budget: {minutes:g} min of training per run; test songs: {songs}. F = test free energy per step (nats).",
-        "",
-        "| data set | method | K | train min | epochs | β at end | train loss/step | best valid F/step (epoch) "
-        "| test F/step | paper F/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        valid = r.get("valid_free_energy_per_step", float("nan"))
-        selected = f"{valid:.3f} ({int(r['tested_epoch'])})" if valid == valid else "—"
+def markdown(table: pd.DataFrame) -> str:
+    """Test free energy per step, both normalisations, beside the AVF paper's figure (its normalisation)."""
+    lines = ["| data set | method | seed | epochs | updates | CPU h | valid (ours) | test (ours) | valid (paper's) "
+             "| test (paper's) | AVF paper |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (dataset, inference, k, seed), g in table.groupby(["dataset", "inference", "iterations", "seed"]):
+        method = "baseline" if inference == "baseline" else f"avf_k{k}"
+        ours, paper = (g[g["normalisation"] == n].iloc[0] for n in ("per_step", "paper"))
+        published = PAPER.get(method, {}).get(dataset)
         lines.append(
-            f"| {r['dataset']} | {r['method']} | {int(r['iterations'])} | {r['wall_time_s'] / 60:.1f} | "
-            f"{int(r['epoch'])} | {r['kl_weight']:.2f} | {r['train_loss_per_step']:.3f} | {selected} | "
-            f"{r['test_free_energy_per_step']:.3f} | {r['paper']:.2f} |"
+            f"| {dataset} | {method} | {seed} | {ours['epochs']} | {ours['updates']} | {ours['cpu_hours']:.2f} | "
+            f"{ours['valid_free_energy_per_step']:.3f} | {ours['test_free_energy_per_step']:.3f} | "
+            f"{paper['valid_free_energy_per_step']:.3f} | {paper['test_free_energy_per_step']:.3f} | "
+            f"{'—' if published is None else f'{published:.2f}'} |"
         )
     return "\n".join(lines)
 
 
-def main(argv=None) -> List[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, required=True, help="training budget of every run")
+def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=["jsb_chorales"])
-    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
-    p.add_argument("--max-eval-songs", type=int, default=None, help="evaluate on the first N test songs only")
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["baseline", "avf_k1", "avf_k5"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--epochs", type=int, default=100, help="epochs of every run (the same for every method)")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of one invocation of a run")
+    p.add_argument("--max-eval-songs", type=int, default=None, help="score the first N test/valid songs only")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--concurrent", action="store_true",
-                   help="run a data set's methods at the same time (equal share of a loaded machine)")
-    p.add_argument("--out-root", default="runs/music_benchmark", help="folder for the runs' outputs")
-    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    p.add_argument("--out-root", default="runs/music", help="folder of the run folders")
+    p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "music.csv"), help="the results table")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more pyro_avf.train options (last)")
     args = p.parse_args(argv)
-    if not args.minutes > 0:
-        p.error(f"--minutes must be positive, got {args.minutes}")
+    if args.epochs < 1:
+        p.error(f"--epochs must be positive, got {args.epochs}")
     extra = list(args.extra)
     if args.max_eval_songs is not None:
-        extra += ["--max-eval-songs", str(args.max_eval_songs)]
-    rows = []
+        extra += ["--max-eval-songs", str(args.max_eval_songs), "--max-valid-songs", str(args.max_eval_songs)]
+    table = pd.read_csv(args.csv) if Path(args.csv).is_file() else pd.DataFrame(columns=COLUMNS)
     for dataset in args.datasets:
-        if args.concurrent:  # the methods share the machine's load alike
-            started = {m: start_one(dataset, m, args.minutes, Path(args.out_root), args.threads, extra)
-                       for m in args.methods}  # fmt: skip
-            rows += [finish_one(dataset, m, started[m]) for m in args.methods]
-        else:
-            rows += [run_one(dataset, m, args.minutes, Path(args.out_root), args.threads, extra) for m in args.methods]
-    table = markdown(rows, args.minutes, args.max_eval_songs)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
-    return rows
+        for seed in args.seeds:
+            for method in args.methods:
+                rows = run(dataset, method, seed, args, extra)
+                if rows is not None:
+                    table = merge(Path(args.csv), rows)
+    if len(table):
+        print(markdown(table))
+    return table
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class Method:
             if method == "AVF":
                 options = dict(guide_kwargs=dict(num_iterations=args.iterations, encode_observation=True))
             else:
-                options = dict(inference="baseline")  # svg.guide with Trace_ELBO
+                options = dict(inference="baseline")  # svg.guide with TraceMeanField_ELBO (the analytic KL, as AVF)
             self.trainer = Trainer(self.svg, lr=args.lr, clip_norm=None, **options)
             self.guide = self.trainer.guide
 

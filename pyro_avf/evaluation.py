@@ -7,11 +7,16 @@ detached before the next step, so no autograd graph or trace grows with the sequ
 For an ordinary Pyro guide (a model's hand-designed filter) the guide is traced once, the model replayed
 against it under ``torch.no_grad()``, and each site's terms are grouped by the marked step it belongs to.
 
-The reported number is the paper's: total free energy over real steps divided by the number of real steps,
+Two normalisations of a data set's free energy are reported (:class:`FreeEnergy`): ours, the total over
+real steps divided by the number of real steps,
 
 .. math::
 
-    \\bar{\\mathcal{F}} = \\frac{\\sum_{n,t} m_{n,t}\\, \\mathcal{F}_{n,t}}{\\sum_{n,t} m_{n,t}}.
+    \\bar{\\mathcal{F}} = \\frac{\\sum_{n,t} m_{n,t}\\, \\mathcal{F}_{n,t}}{\\sum_{n,t} m_{n,t}},
+
+and the AVF paper code's, which leaves out each sequence's first step, divides by its length and averages over
+the sequences, :math:`\\frac1N \\sum_n \\frac{1}{T_n}\\sum_{t>1} \\mathcal{F}_{n,t}`. Every guide is scored with
+the same estimator: the analytic KL wherever prior and posterior are both Normal (:func:`score_replayed`).
 
 :func:`evaluate` gives it for a whole data set (a list of sequences, a padded ``(xs, mask)`` pair or one
 tensor), in batches sorted by length; with a ``stream`` each batch is filtered one step at a time
@@ -20,15 +25,16 @@ tensor), in batches sorted by length; with a ``stream`` each batch is filtered o
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
-from pyro_avf.free_energy import StepContext, Terms, score_site, stack_terms
+from pyro_avf.free_energy import SequenceScores, StepContext, Terms, score_site, stack_terms
 from pyro_avf.guide import IterativeGuide
-from pyro_avf.online import streamed_free_energy
+from pyro_avf.online import streamed_sequence_scores
 from pyro_avf.posterior import normal_parameters
 from pyro_avf.sequences import as_sequences
 
@@ -123,39 +129,73 @@ def mean_free_energy_per_step(out: Dict[str, torch.Tensor]) -> float:
 
 
 class FreeEnergy(NamedTuple):
-    """The filtering free energy of a data set: ``per_step`` :math:`\\sum m\\mathcal{F} / \\sum m` (nats),
-    ``steps`` :math:`\\sum m` (real, observed steps) and ``total`` :math:`\\sum m\\mathcal{F}`."""
+    r"""The filtering free energy of a data set of N sequences, in both normalisations:
+
+    - ``per_step`` (ours): :math:`\sum_{n,t} m_{n,t}\mathcal{F}_{n,t} / \sum_{n,t} m_{n,t}`, the total over all
+      real steps divided by their number ``steps``; ``total`` is the numerator;
+    - ``paper`` (the AVF paper's code): each sequence's first step is not scored and its sum is divided by its
+      length, then the mean is taken over the ``sequences``,
+      :math:`\frac1N \sum_n \frac{1}{T_n} \sum_{t > t_0} m_{n,t}\mathcal{F}_{n,t}` (about 0.18 nats/step
+      below ``per_step`` on JSB Chorales: the first step of a song is the hardest to predict).
+
+    >>> import torch
+    >>> from pyro_avf.free_energy import SequenceScores
+    >>> scores = SequenceScores.from_steps(torch.tensor([[4.0, 2.0, 2.0], [6.0, 1.0, 0.0]]),
+    ...                                    torch.tensor([[True, True, True], [True, True, False]]))
+    >>> fe = FreeEnergy.from_scores(scores)
+    >>> fe.per_step, fe.paper                # 15 / 5 and ((2 + 2) / 3 + 1 / 2) / 2
+    (3.0, 0.9166666666666666)
+    """
 
     per_step: float
     steps: int
     total: float
+    paper: float = math.nan
+    sequences: int = 0
+
+    @classmethod
+    def from_sums(cls, total: float, steps: float, paper_sum: float, sequences: float) -> "FreeEnergy":
+        """From the four sums that add up over batches and processes (``paper_sum`` is N times ``paper``)."""
+        paper = paper_sum / sequences if sequences else math.nan
+        return cls(total / max(steps, 1.0), int(steps), total, paper, int(sequences))
+
+    @classmethod
+    def from_scores(cls, scores: SequenceScores) -> "FreeEnergy":
+        """From the per-sequence sums of one or more batches."""
+        return cls.from_sums(*score_sums(scores))
+
+    @property
+    def sums(self) -> Tuple[float, float, float, float]:
+        """``(total, steps, paper_sum, sequences)``, the numbers :meth:`from_sums` takes."""
+        return self.total, float(self.steps), self.paper * self.sequences if self.sequences else 0.0, self.sequences
 
 
-def masked_total(free_energy: torch.Tensor, observed: torch.Tensor, mask: Optional[torch.Tensor]
-                 ) -> Tuple[float, float]:  # fmt: skip
-    """:math:`\\sum m\\,\\mathcal{F}` and :math:`\\sum m` with :math:`m` = observed and not padding."""
-    m = observed if mask is None else observed & mask
-    return (free_energy * m).sum().item(), m.sum().item()
+def score_sums(scores: SequenceScores) -> Tuple[float, float, float, float]:
+    """``(total, steps, paper_sum, sequences)`` of per-sequence sums (sequences without a real step left out)."""
+    return (scores.total.sum().item(), float(scores.steps.sum().item()), scores.paper_sum(),
+            float((scores.steps > 0).sum().item()))  # fmt: skip
 
 
-def batch_totals(model: Any, guide: Callable, xs: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                 stream: Optional[Callable[[Any], Any]] = None) -> Tuple[float, float]:  # fmt: skip
-    """:math:`\\sum m\\mathcal{F}` and :math:`\\sum m` of one batch: streamed when ``stream`` is given and can
-    filter with ``guide`` (see :func:`evaluate`), else one :func:`filtering_free_energy` pass."""
+def batch_scores(model: Any, guide: Callable, xs: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                 stream: Optional[Callable[[Any], Any]] = None) -> SequenceScores:  # fmt: skip
+    """The per-sequence sums of one batch: streamed when ``stream`` is given and can filter with ``guide``
+    (see :func:`evaluate`), else one :func:`filtering_free_energy` pass."""
     fn = getattr(model, "model", model)
     if stream is not None:
         streamer = stream(model)
         own_guide = guide == getattr(model, "guide", None)
         if isinstance(guide, IterativeGuide) or (own_guide and hasattr(streamer, "baseline_traces")):
-            return streamed_free_energy(streamer, guide, xs, mask)
+            return streamed_sequence_scores(streamer, guide, xs, mask)
     out = filtering_free_energy(fn, guide, *((xs,) if mask is None else (xs, mask)))
-    return masked_total(out["free_energy"], out["observed"], mask)
+    real = out["observed"] if mask is None else out["observed"] & mask
+    return SequenceScores.from_steps(out["free_energy"], real)
 
 
 def evaluate(model: Any, guide: Callable, data: Any, *, batch_size: int = 16,
              stream: Optional[Callable[[Any], Any]] = None, seed: int = 0) -> FreeEnergy:  # fmt: skip
-    """The filtering free energy per step of ``guide`` on whole sequences,
-    :math:`\\sum_{n,t} m_{n,t}\\mathcal{F}_{n,t} / \\sum_{n,t} m_{n,t}`.
+    r"""The filtering free energy of ``guide`` on whole sequences, in both normalisations (:class:`FreeEnergy`:
+    ``per_step`` :math:`\sum_{n,t} m_{n,t}\mathcal{F}_{n,t} / \sum_{n,t} m_{n,t}` and the AVF paper's
+    ``paper``).
 
     :param model: a model with ``model(xs, mask)`` (:class:`~pyro_avf.trainer.SequenceModel`) or that Pyro
         function itself.
@@ -169,17 +209,15 @@ def evaluate(model: Any, guide: Callable, data: Any, *, batch_size: int = 16,
     :param int seed: the evaluation's random numbers are drawn from this seed under a forked generator.
     """
     batches = as_sequences(data, "data").batches(batch_size)
-    total, steps = score_batches(model, guide, batches, stream=stream, seed=seed)
-    return FreeEnergy(total / max(steps, 1.0), int(steps), total)
+    return score_batches(model, guide, batches, stream=stream, seed=seed)
 
 
 def score_batches(model: Any, guide: Callable, batches: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]], *,
-                  stream: Optional[Callable[[Any], Any]] = None, seed: int = 0) -> Tuple[float, float]:  # fmt: skip
-    """:func:`batch_totals` summed over ``batches``, with random numbers from ``seed`` (forked generator)."""
-    total = steps = 0.0
+                  stream: Optional[Callable[[Any], Any]] = None, seed: int = 0) -> FreeEnergy:  # fmt: skip
+    """:func:`batch_scores` over ``batches``, with random numbers from ``seed`` (forked generator)."""
+    sums = [0.0, 0.0, 0.0, 0.0]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for xs, mask in batches:
-            batch_total, batch_steps = batch_totals(model, guide, xs, mask, stream)
-            total, steps = total + batch_total, steps + batch_steps
-    return total, steps
+            sums = [a + b for a, b in zip(sums, score_sums(batch_scores(model, guide, xs, mask, stream)))]
+    return FreeEnergy.from_sums(*sums)

@@ -152,6 +152,30 @@ class Terms:
         return kl if self._reconstruction is None else self._reconstruction + kl
 
 
+class SequenceScores(NamedTuple):
+    r"""Per-sequence sums of a filtering pass over a batch, each (B,): ``total``
+    :math:`\sum_t m_{n,t}\mathcal{F}_{n,t}` (float64), ``steps`` :math:`T_n = \sum_t m_{n,t}` (long) and
+    ``first`` :math:`\mathcal{F}_{n,t_0}` at the first real step :math:`t_0` of sequence n (0 when it has none),
+    with :math:`m_{n,t}` true on the real (unpadded, observed) steps. Both normalisations of
+    :class:`~pyro_avf.evaluation.FreeEnergy` follow from them."""
+
+    total: torch.Tensor
+    steps: torch.Tensor
+    first: torch.Tensor
+
+    @classmethod
+    def from_steps(cls, free_energy: torch.Tensor, real: torch.Tensor) -> "SequenceScores":
+        """From (B, T) step free energies and the (B, T) bool of real steps."""
+        f = torch.where(real, free_energy.double(), 0.0)
+        first_real = real & (real.long().cumsum(1) == 1)
+        return cls(f.sum(1), real.long().sum(1), torch.where(first_real, f, 0.0).sum(1))
+
+    def paper_sum(self) -> float:
+        r""":math:`\sum_n \sum_{t > t_0} m_{n,t}\mathcal{F}_{n,t} / T_n` over the sequences with a real step."""
+        has = self.steps > 0
+        return ((self.total - self.first) / self.steps.clamp_min(1))[has].sum().item()
+
+
 def _is_one(scale) -> bool:
     return not isinstance(scale, torch.Tensor) and scale == 1.0
 

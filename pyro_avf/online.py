@@ -60,6 +60,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from pyro_avf.free_energy import SequenceScores
 from pyro_avf.guide import IterativeGuide
 from pyro_avf.inference import Lambda, detached
 from pyro_avf.posterior import posterior
@@ -382,6 +383,18 @@ def streamed_free_energy(
         total, steps = streamed_free_energy(dmm, guide, xs, mask)   # test free energy per step: total / steps
         total, steps = streamed_free_energy(srnn, srnn.guide, xs, mask)   # SRNN's own filter
     """
+    scores = streamed_sequence_scores(model, guide, xs, mask, seed=seed)
+    if per_sequence:
+        return scores.total, scores.steps
+    return scores.total.sum().item(), float(scores.steps.sum().item())
+
+
+def streamed_sequence_scores(
+    model: Any, guide: Callable, xs: Tensor, mask: Optional[Tensor] = None, *, seed: Optional[int] = None
+) -> SequenceScores:
+    r"""What :func:`streamed_free_energy` sums, per sequence: a :class:`~pyro_avf.free_energy.SequenceScores`
+    with :math:`\sum_t m_{n,t}\mathcal{F}_{n,t}`, :math:`T_n` and the free energy of each sequence's first real
+    step (the AVF paper's normalisation leaves it out). Arguments as for :func:`streamed_free_energy`."""
     if not isinstance(xs, torch.Tensor) or xs.dim() < 2:
         raise ValueError(f"xs must be a tensor of shape (batch, time, ...), got {getattr(xs, 'shape', xs)!r}")
     batch, steps = xs.shape[:2]
@@ -400,17 +413,18 @@ def streamed_free_energy(
             )
     total = torch.zeros(batch, dtype=torch.float64, device=xs.device)
     count = torch.zeros(batch, dtype=torch.long, device=xs.device)
+    first = torch.zeros(batch, dtype=torch.float64, device=xs.device)
     devices = [xs.device.index or 0] if xs.is_cuda else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         for t, (free_energy, observed) in enumerate(_step_terms(stream, guide, xs, mask)):
             real = observed if mask is None else observed & mask[:, t]
-            total += torch.where(real, free_energy.double(), 0.0)
+            f = torch.where(real, free_energy.double(), 0.0)
+            first = torch.where(real & (count == 0), f, first)
+            total += f
             count += real
-    if per_sequence:
-        return total, count
-    return total.sum().item(), float(count.sum().item())
+    return SequenceScores(total, count, first)
 
 
 def _step_terms(stream: Any, guide: Callable, xs: Tensor, mask: Optional[Tensor]):

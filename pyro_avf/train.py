@@ -1,12 +1,30 @@
-"""Train and evaluate a deep sequence model on polyphonic music from the command line.
+"""Train and evaluate a sequence model on music, speech, video or simulated data from the command line.
 
 Example::
 
     python -m pyro_avf.train --model srnn --dataset jsb_chorales --inference avf --iterations 5
     torchrun --nproc_per_node 2 -m pyro_avf.train --model dmm --inference baseline   # data-parallel
+    python -m pyro_avf.train --model vrnn --dataset timit --data-dir ~/data/timit --inference avf
+    python -m pyro_avf.train --model svg --dataset moving_mnist --frame-size 32 --sequence-length 10
+    python -m pyro_avf.train --model 1-af --dataset kth --data-dir ~/data/kth --inference baseline
+    python -m pyro_avf.train --model lgssm --dataset simulated --inference em
 
-The command parses its options, loads the songs, builds the model and hands them to
+The command parses its options, loads the data set, builds the model and hands them to
 :func:`pyro_avf.training.fit`, which does the training, evaluation, checkpoints and figures.
+
+Models and data sets (:mod:`pyro_avf.experiments`, which builds and loads them):
+
+- ``srnn``, ``vrnn``, ``dmm`` on music (``jsb_chorales``, ``piano_midi``, ``muse_data``, ``nottingham``: 88
+  Bernoulli keys) and speech (``timit``: 200-sample frames, Gaussian output, from the user's copy in
+  ``--data-dir``);
+- ``svg``, ``slvm``, ``slvm-1af`` (the SLVM with a 1-AF likelihood), ``1-af`` and ``2-af`` (autoregressive
+  flows, no latent variables: ``--inference baseline`` only, the exact log-likelihood) on video
+  (``moving_mnist``, generated from the MNIST digits; ``kth`` and ``bair`` from the user's copies), frames of
+  ``--frame-size`` pixels in clips of ``--sequence-length`` frames, dequantized 8-bit values;
+- ``lgssm`` on ``simulated`` sequences of a seeded random LG-SSM.
+
+A model on a data set it does not fit, and ``--inference baseline`` for a model without a filter of its own
+(``slvm``, ``slvm-1af``, ``lgssm``), are refused with a message saying what to use.
 
 Training (AVF paper, App. B.2): random crops of ``--crop-length`` steps, batches of ``--batch-size`` (the global
 batch, split over the ranks), gradients clipped element-wise (``pyro.optim.ClippedAdam``), learning rate
@@ -18,16 +36,21 @@ Inference (``--inference``, :mod:`pyro_avf.trainer`):
 
 - ``avf``: :class:`~pyro_avf.IterativeGuide` with a learned update and :class:`~pyro_avf.AmortizedFilteringELBO`;
 - ``em``: the same guide with per-step Adam (non-amortized variational filtering EM);
-- ``baseline``: the model's own filtering guide with ``Trace_ELBO``; β multiplies the log densities of every
-  latent site in model and guide (``poutine.scale`` on latent sites only), giving
-  :math:`-\\log p(x|z) + \\beta (\\log q(z) - \\log p(z))`;
+- ``baseline``: the model's own filtering guide with ``TraceMeanField_ELBO`` (the analytic KL given the sampled
+  past, the estimator AVF's objective uses); β multiplies the log densities of every latent site in model and
+  guide (``poutine.scale`` on latent sites only), giving :math:`-\\log p(x|z) + \\beta D_{KL}(q \\| p)`;
 - ``autonormal``: refused with an explanation (see :func:`check_args`).
 
-Evaluation: whole test songs; the number reported is the test free energy per step (nats),
+Evaluation: whole test songs (utterances, clips, sequences); the number reported is the test free energy
+per step (nats),
 :math:`\\sum_{n,t} m_{n,t} \\mathcal{F}_{n,t} / \\sum m`. Every model is filtered one step at a time
 (:func:`pyro_avf.online.streamed_free_energy`: AVF and EM through :class:`~pyro_avf.online.OnlineFilter`,
 SRNN's own filter step by step too), so memory stays flat in the song's length; the own filters of VRNN
-and DMM are scored with :func:`pyro_avf.evaluation.filtering_free_energy`.
+and DMM, SVG's and the flows' are scored with :func:`pyro_avf.evaluation.filtering_free_energy`. Video runs
+also report the test free energy per sequence and in nats per dimension of the 8-bit data
+(``test_free_energy_per_sequence``, ``test_nats_per_dim``), the LG-SSM the exact negative log-likelihood per
+step of the test data under the learned and the true model (``test_kalman_nll_per_step``,
+``true_kalman_nll_per_step``; Kalman filter).
 
 Data: ``--data-dir``, ``$PYRO_AVF_DATA`` and the user cache are looked in (:mod:`data_loaders.files`);
 ``--download`` fetches a file found nowhere. A missing or corrupt data file (or checkpoint) ends the command
@@ -63,28 +86,23 @@ gradients; rank 0 writes the outputs.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import pyro
 import pyro.optim
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import TraceMeanField_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
-from torch import Tensor, nn
+from torch import nn
 
-from data_loaders.files import ChecksumError, DataFileNotFoundError, default_data_dir
-from data_loaders.polyphonic import POLYPHONIC_DATASETS, load_polyphonic
+from data_loaders.polyphonic import load_polyphonic  # noqa: F401  (train.load_polyphonic, used by the tests)
+from pyro_avf import experiments
 from pyro_avf.checkpoints import CheckpointError
-from pyro_avf.models.dmm import DMM
-from pyro_avf.models.srnn import SRNN
-from pyro_avf.models.vrnn import VRNN
-from pyro_avf.online import as_stream
 from pyro_avf.run_folder import RunFolderError, config_digest
 from pyro_avf.trainer import Trainable, Trainer
 from pyro_avf.training import BEST, CHECKPOINT, RESULTS, fit
@@ -93,7 +111,8 @@ __all__ = ["BEST", "CHECKPOINT", "RESULTS", "build_inference", "build_model", "b
 
 log = logging.getLogger("pyro_avf.train")
 
-MODELS = ("srnn", "vrnn", "dmm")
+MODELS = tuple(experiments.MODELS)
+DATASETS = tuple(experiments.DATASETS)
 INFERENCES = ("avf", "baseline", "em", "autonormal")
 # options that do not change what a run computes: where it reads and writes, how fast, and where this invocation
 # stops (a run is resumed with a larger --epochs or another --max-minutes); every other option is in run_config
@@ -130,8 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; ``--help`` shows every option's default."""
     p = argparse.ArgumentParser(prog="python -m pyro_avf.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument("--model", choices=MODELS, default="srnn", help="sequence model")
-    p.add_argument("--dataset", choices=sorted(POLYPHONIC_DATASETS), default="jsb_chorales", help="music data set")
+    p.add_argument("--model", choices=MODELS, default="srnn", help="sequence model (pyro_avf.experiments: the data "
+                   "sets each one fits)")  # fmt: skip
+    p.add_argument("--dataset", choices=DATASETS, default="jsb_chorales", help="data set: music, timit (speech), "
+                   "moving_mnist, kth, bair (video) or simulated (LG-SSM)")  # fmt: skip
+    p.add_argument("--frame-size", type=int, default=None, help="video: side of the square frames, a power of two "
+                   "(None: 32 for moving_mnist, 64 for kth and bair)")  # fmt: skip
+    p.add_argument("--sequence-length", type=int, default=None, help="video: frames per clip (None: 10 moving_mnist, "
+                   "20 kth, 30 bair); simulated: steps per sequence (None: 20)")  # fmt: skip
+    p.add_argument("--train-sequences", type=int, default=None, help="moving_mnist, simulated: training sequences "
+                   "to generate (None: 2000, 3200); timit, kth, bair: use the first N (None: all)")  # fmt: skip
+    p.add_argument("--test-sequences", type=int, default=None, help="moving_mnist, simulated: test (and validation) "
+                   "sequences to generate (None: 200, 256)")  # fmt: skip
+    p.add_argument("--data-seed", type=int, default=0, help="video and simulated: seed of the generated sequences "
+                   "and of the dequantization noise")  # fmt: skip
     p.add_argument(
         "--preset", choices=sorted(PRESETS), default="paper",
         help="paper: the AVF paper's settings (the defaults shown here); cpu: a short run on a laptop CPU that "
@@ -161,15 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=1024, help="units per layer of the update networks")
     p.add_argument("--encode-observation", action="store_true", help="AVF: also feed x_t to the update network")
     p.add_argument("--inference-lr", type=float, default=0.1, help="step size of the em inference optimiser")
-    p.add_argument("--z-dim", type=int, default=None, help="latent size (None: the model's music size)")
-    p.add_argument("--model-size", type=int, default=None, help="width of every other model layer (None: the music "
-                   "sizes; small values for tiny runs)")  # fmt: skip
+    p.add_argument("--z-dim", type=int, default=None, help="latent size (None: the model's size for the data set)")
+    p.add_argument("--model-size", type=int, default=None, help="width of every other model layer, the flows' conv "
+                   "channels (None: the model's sizes for the data set; small values for tiny runs)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=800, help="train until this many epochs are done")
     p.add_argument("--batch-size", type=int, default=16, help="global batch, split over the ranks")
     p.add_argument("--crop-length", type=int, default=25, help="steps per random training crop")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the first epoch")
     p.add_argument("--lr-decay", type=float, default=0.999, help="learning-rate factor per epoch")
     p.add_argument("--clip-norm", type=float, default=10.0, help="element-wise gradient clipping (ClippedAdam)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty on every trained parameter "
+                   "(ClippedAdam's weight_decay), against over-fitting")  # fmt: skip
     p.add_argument("--kl-anneal-epochs", type=int, default=50, help="β rises linearly to 1 over these epochs")
     p.add_argument("--seed", type=int, default=0, help="random seed of the parameters, crops and noise")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
@@ -188,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="early stopping: score the validation songs every this many epochs, keep the best parameters and "
         "report the test free energy of those (0: off, the last parameters are tested)",
     )  # fmt: skip
+    p.add_argument("--patience", type=int, default=None, help="with --valid-every: stop after this many "
+                   "validations without improvement (None: never)")  # fmt: skip
+    p.add_argument("--lr-drop-patience", type=int, default=None, help="with --valid-every: multiply the learning "
+                   "rate by the drop factor each time this many validations in a row do not improve (None: never)")
+    p.add_argument("--lr-drop-factor", type=float, default=0.1, help="the factor of each learning-rate drop")
     p.add_argument("--max-valid-songs", type=int, default=None, help="validate on the first N validation songs only "
                    "(None: all)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
@@ -210,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject values that cannot work, with a message naming the option (``parser.error`` exits with 2)."""
     positive = ["epochs", "batch_size", "crop_length", "hidden_size", "eval_every", "eval_batch_size"]
-    optional_positive = ["z_dim", "model_size", "threads", "max_train_batches", "max_eval_songs", "max_valid_songs"]
+    optional_positive = ["z_dim", "model_size", "threads", "max_train_batches", "max_eval_songs", "max_valid_songs",
+                         "patience", "lr_drop_patience"]  # fmt: skip
     optional_positive.append("simulate_kill_after")
     for name in positive + [n for n in optional_positive if getattr(args, n) is not None]:
         if getattr(args, name) < 1:
@@ -228,6 +267,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             parser.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--weight-decay must be a non-negative number, got {args.weight_decay}")
+    if not 0 < args.lr_drop_factor < 1:
+        parser.error(f"--lr-drop-factor must be in (0, 1), got {args.lr_drop_factor}")
+    if (args.patience or args.lr_drop_patience) and not args.valid_every:
+        parser.error("--patience and --lr-drop-patience count validations: pass --valid-every too")
     if not 0 < args.lr_decay <= 1:
         parser.error(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
     if args.max_minutes is not None and not args.max_minutes > 0:
@@ -243,6 +288,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             "brings new songs and the test songs have other lengths and counts, so nothing learned carries over. "
             "Use --inference em for non-amortized filtering or avf for amortized filtering."
         )
+    experiments.check(parser, args)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,22 +296,17 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
-    """The music model (88 Bernoulli keys) with optional ``--z-dim`` / ``--model-size`` overrides."""
-    sizes: Dict[str, int] = {} if args.z_dim is None else {"z_dim": args.z_dim}
-    s = args.model_size
-    if args.model == "srnn":
-        return SRNN.music(**sizes, **({} if s is None else {"d_dim": s, "a_dim": s, "hidden_dim": s}))
-    if args.model == "vrnn":
-        return VRNN.music(**sizes, **({} if s is None else {"h_dim": s, "phi_dim": s, "hidden_dim": s}))
-    widths = {} if s is None else {"emission_dim": s, "transition_dim": s, "rnn_dim": s}
-    return DMM(x_dim=88, likelihood="bernoulli", **sizes, **widths)
+    """``--model`` for ``--dataset`` (:func:`pyro_avf.experiments.build_model`) with optional ``--z-dim`` /
+    ``--model-size`` overrides."""
+    return experiments.build_model(args)
 
 
 def inference_options(args: argparse.Namespace) -> Dict[str, Any]:
-    """The :class:`~pyro_avf.trainer.Trainer` settings of ``--inference`` (``Trace_ELBO`` with one plate for
-    the baseline; the ``IterativeGuide`` options for avf and em)."""
+    """The :class:`~pyro_avf.trainer.Trainer` settings of ``--inference`` (``TraceMeanField_ELBO`` with one
+    plate for the baseline: the analytic KL, the same estimator as AVF's; the ``IterativeGuide`` options for avf
+    and em)."""
     if args.inference == "baseline":
-        return {"inference": "baseline", "elbo": Trace_ELBO(max_plate_nesting=1)}
+        return {"inference": "baseline", "elbo": TraceMeanField_ELBO(max_plate_nesting=1)}
     guide_kwargs = dict(num_iterations=args.iterations, update=args.update if args.inference == "avf" else "adam",
                         hidden_size=args.hidden_size, lr=args.inference_lr, encode_observation=args.encode_observation)
     return {"inference": args.inference, "guide_kwargs": guide_kwargs}
@@ -278,34 +319,17 @@ def build_inference(args: argparse.Namespace, model: nn.Module) -> Tuple[Callabl
 
 
 def optimizer(args: argparse.Namespace) -> pyro.optim.PyroLRScheduler:
-    """``ClippedAdam(--lr, --clip-norm)`` with the learning rate multiplied by ``--lr-decay`` after every epoch."""
-    adam = {"lr": args.lr, "clip_norm": args.clip_norm}
+    """``ClippedAdam(--lr, --clip-norm, --weight-decay)`` with the learning rate multiplied by ``--lr-decay``
+    after every epoch."""
+    adam = {"lr": args.lr, "clip_norm": args.clip_norm, "weight_decay": args.weight_decay}
     return pyro.optim.ExponentialLR({"optimizer": ClippedAdam, "optim_args": adam, "gamma": args.lr_decay})
-
-
-def load_songs(args: argparse.Namespace, split: str) -> List[Tensor]:
-    """One split of ``--dataset``; a missing or corrupt data file ends the command with a one-line message that
-    names the file and what to do."""
-    data_dir = args.data_dir or default_data_dir()
-    try:
-        return load_polyphonic(args.dataset, split, path=data_dir, download=args.download)
-    except DataFileNotFoundError as err:
-        where = ", ".join(str(p) for p in err.places)
-        fetch = f"pass --download to fetch it from {err.url}, or " if err.url and not args.download else ""
-        message = f"data file {err.data_file} not found (looked in: {where}); {fetch}put it in the --data-dir folder"
-    except ChecksumError as err:
-        message = (f"data file {err.path} is corrupt, truncated or another version (its SHA-256 is {err.actual}, "
-                   f"expected {err.expected}); delete it and run again with --download, or pass --data-dir with a "
-                   "good copy")  # fmt: skip
-    except (OSError, ValueError) as err:  # a failed download, or a file that passes its checksum but not parsing
-        message = f"cannot load the {args.dataset} {split} data: {err}"
-    raise SystemExit(" ".join(message.split()))
 
 
 def run_config(args: argparse.Namespace) -> Dict[str, Any]:
     """The settings that change a run's results (every option but :data:`NOT_CONFIG`; a preset counts by the
     values it sets): the run's identity, stored in ``config.json`` and hashed into the default folder name."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONFIG}
+    unused = set(NOT_CONFIG) | set(experiments.unused_options(args))  # other data sets' options
+    return {k: v for k, v in sorted(vars(args).items()) if k not in unused}
 
 
 def default_out_dir(args: argparse.Namespace) -> Path:
@@ -355,24 +379,28 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args)
     if args.resume and not (out_dir / CHECKPOINT).is_file():
         raise SystemExit(f"--resume: no checkpoint at {out_dir / CHECKPOINT}; run without --resume to start training")
-    train_songs = load_songs(args, "train")
-    test_songs = load_songs(args, "test")[: args.max_eval_songs]
-    valid_songs = load_songs(args, "valid")[: args.max_valid_songs] if args.valid_every else None
+    data = experiments.load_data(args)
 
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     model = build_model(args)
-    log.info("%s on %s with %s inference: %d train songs, %d test songs, %d process(es)", args.model, args.dataset,
-             args.inference, len(train_songs), len(test_songs), world)  # fmt: skip
+    report = experiments.Report(args, data, model)
+    log.info("%s on %s with %s inference: %d train sequences, %d test sequences, %d process(es)", args.model,
+             args.dataset, args.inference, len(data.train), len(data.test), world)  # fmt: skip
+
+    def columns(row: Dict[str, Any]) -> Dict[str, Any]:
+        return report(results_row(args, world, row))
+
     try:
         result = fit(
-            model, train_songs, **inference_options(args), optimizer=optimizer(args), valid_data=valid_songs,
-            test_data=test_songs, epochs=args.epochs, batch_size=args.batch_size, crop_length=args.crop_length,
+            model, data.train, **inference_options(args), optimizer=optimizer(args), valid_data=data.valid,
+            test_data=data.test, epochs=args.epochs, batch_size=args.batch_size, crop_length=args.crop_length,
             batches_per_epoch=args.max_train_batches, kl_anneal_epochs=args.kl_anneal_epochs,
-            valid_every=args.valid_every or 1, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
-            stream=as_stream, max_minutes=args.max_minutes, out_dir=out_dir,
+            valid_every=args.valid_every or 1, patience=args.patience, lr_drop_patience=args.lr_drop_patience,
+            lr_drop_factor=args.lr_drop_factor, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+            stream=experiments.stream_for(model), max_minutes=args.max_minutes, out_dir=out_dir,
             resume=args.resume, overwrite=args.overwrite, config=run_config(args), plots=not args.no_plots,
-            columns=functools.partial(results_row, args, world), seed=args.seed, device=resolve_device(args.device),
+            columns=columns, seed=args.seed, device=resolve_device(args.device),
             on_batch=kill_after(args.simulate_kill_after),
         )  # fmt: skip
     except (RunFolderError, CheckpointError) as err:
@@ -380,7 +408,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     row = result.history.iloc[-1].to_dict() if len(result.history) else {}
     if rank == 0 and row:
         print(f"results in {out_dir}: test free energy {row['test_free_energy_per_step']:.4f} nats/step "
-              f"(epoch {row['epoch']})", flush=True)  # fmt: skip
+              f"(epoch {row['epoch']}){report.summary(row)}", flush=True)  # fmt: skip
     return row
 
 

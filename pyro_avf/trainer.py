@@ -16,9 +16,11 @@ for each inference:
 - ``"em"``: the same guide with per-step Adam (``update="adam"``, non-amortized variational filtering EM); only
   the model is trained;
 - ``"baseline"``: the model's own filtering guide (``model.guide``, or ``guide=``) with ``elbo`` (default
-  :class:`~pyro.infer.Trace_ELBO`; :class:`~pyro.infer.TraceMeanField_ELBO` works too); β multiplies the log
-  densities of every latent site in model and guide (:class:`ScaleLatents`), giving
-  :math:`-\log p(x|z) + \beta (\log q(z) - \log p(z))`.
+  :class:`~pyro.infer.TraceMeanField_ELBO`: the analytic KL of each latent site given the sampled past,
+  :math:`D_{KL}(q(z_t \mid z_{t-1}, \cdot) \,\|\, p(z_t \mid z_{t-1}, \cdot))`, the estimator AVF's objective
+  uses, so both are trained on the same free energy; it falls back to :math:`\log q - \log p` where no KL is
+  known); β multiplies the log densities (and KLs) of every latent site in model and guide
+  (:class:`ScaleLatents`), giving :math:`-\log p(x|z) + \beta\, D_{KL}(q \,\|\, p)`.
 
 The model (see :class:`SequenceModel`) needs a ``model(xs, mask)``; the trained parameters are those of its
 modules and every ``pyro.param`` its program creates.
@@ -40,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.elbo import ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from pyro.optim.lr_scheduler import PyroLRScheduler
@@ -89,7 +91,7 @@ def pyro_model(model: Any) -> Callable:
 
 
 class ScaleLatents(Messenger):
-    """Multiply the scale of every latent (unobserved) sample site by β: KL annealing for ``Trace_ELBO``."""
+    """Multiply the scale of every latent (unobserved) sample site by β: KL annealing for the baseline's ELBO."""
 
     def __init__(self, beta: float):
         super().__init__()
@@ -134,7 +136,7 @@ class Trainer:
     :param model: a :class:`SequenceModel` (or a Pyro function ``model(xs, mask)``).
     :param str inference: ``"avf"``, ``"em"`` or ``"baseline"`` (see the module docstring).
     :param guide: a Pyro guide to train instead of ``model.guide`` (``"baseline"`` only).
-    :param elbo: the loss (default: ``AmortizedFilteringELBO()`` for ``"avf"``/``"em"``, ``Trace_ELBO()``).
+    :param elbo: the loss (default: ``AmortizedFilteringELBO()`` for ``"avf"``/``"em"``, ``TraceMeanField_ELBO()``).
     :param dict guide_kwargs: keyword arguments of :class:`~pyro_avf.IterativeGuide` (``"avf"``, ``"em"``).
     :param optimizer: a ``pyro.optim`` optimiser, e.g. ``pyro.optim.ClippedAdam({"lr": 1e-3, "clip_norm":
         10.0})`` or ``pyro.optim.Adam({"lr": 1e-3}, clip_args={"clip_norm": 5.0})`` (each parameter tensor's
@@ -192,7 +194,7 @@ class Trainer:
                 )
             if isinstance(guide, nn.Module) and guide is not model_module:
                 parts["guide"] = guide
-            return guide, Trace_ELBO() if elbo is None else elbo, parts
+            return guide, TraceMeanField_ELBO() if elbo is None else elbo, parts
         if guide is not None:
             raise ValueError(f"guide= is for inference='baseline'; inference={inference!r} builds an IterativeGuide "
                              "from guide_kwargs")  # fmt: skip
@@ -291,6 +293,13 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate by ``factor`` from the next step on (the schedule's base too)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
 
     def end_epoch(self) -> None:
         """Step the learning-rate schedule (once per epoch)."""

@@ -18,10 +18,14 @@ learning rate of ``lr_schedule`` or of a ``pyro.optim`` scheduler. After each ep
   training stops once ``patience`` validations in a row have not improved on it (early stopping);
 - with ``test_data``, every ``eval_every`` epochs and after the last one, the test free energy per step (after
   the last epoch, of the best parameters when there are validation data);
-- one row of :attr:`TrainingResult.history` (a pandas DataFrame: ``epoch``, ``wall_time_s`` (training
-  time, evaluations excluded), ``train_loss_per_step`` (the β-weighted loss over the epoch's real steps),
-  ``kl_weight``, ``lr``, and ``valid_free_energy_per_step``, ``best_valid_free_energy_per_step``,
-  ``best_epoch``, ``test_free_energy_per_step``, ``test_steps``, ``tested_epoch`` where they apply);
+- one row of :attr:`TrainingResult.history` (a pandas DataFrame: ``epoch``, ``wall_time_s`` and ``cpu_time_s``
+  (training wall-clock and CPU time, evaluations excluded), ``updates`` (optimiser steps),
+  ``train_loss_per_step`` (the β-weighted loss over the epoch's real steps),
+  ``kl_weight``, ``lr``, and ``valid_free_energy_per_step``, ``valid_free_energy_paper``,
+  ``best_valid_free_energy_per_step``, ``best_epoch``, ``test_free_energy_per_step``, ``test_free_energy_paper``,
+  ``test_steps``, ``test_sequences``, ``tested_epoch`` where they apply: ``*_per_step`` in our normalisation,
+  ``*_paper`` in the AVF paper's, see :class:`~pyro_avf.evaluation.FreeEnergy`; the best parameters are chosen
+  on ``valid_free_energy_per_step``);
 - a progress bar (tqdm) on a terminal, else one line per epoch on standard error.
 
 ``max_minutes`` ends the epoch under way once the wall-clock budget of the call is spent, and then finishes
@@ -157,6 +161,8 @@ def fit(
     kl_anneal_epochs: int = 0,
     valid_every: int = 1,
     patience: Optional[int] = None,
+    lr_drop_patience: Optional[int] = None,
+    lr_drop_factor: float = 0.1,
     eval_every: int = 1,
     eval_batch_size: int = 16,
     stream: Stream = None,
@@ -184,6 +190,8 @@ def fit(
     :param valid_data, test_data: whole sequences to validate on (every ``valid_every`` epochs; early
         stopping after ``patience`` validations without improvement, None: never) and to test on (every
         ``eval_every`` epochs and at the end), in batches of ``eval_batch_size``.
+    :param lr_drop_patience: multiply the learning rate by ``lr_drop_factor`` each time this many validations in
+        a row have not improved on the best (None: never); against the over-fitting after the validation peak.
     :param int epochs: train until this many epochs are done (a resumed run counts its earlier ones).
     :param int batch_size: sequences per optimiser step (the global batch under torchrun).
     :param crop_length: steps per random training crop (None: whole sequences).
@@ -208,7 +216,7 @@ def fit(
     options = types.SimpleNamespace(**locals())  # fit's arguments, as attributes
     checks = {"epochs": epochs, "batch_size": batch_size, "valid_every": valid_every, "eval_every": eval_every,
               "eval_batch_size": eval_batch_size, "crop_length": crop_length, "batches_per_epoch": batches_per_epoch,
-              "patience": patience}  # fmt: skip
+              "patience": patience, "lr_drop_patience": lr_drop_patience}  # fmt: skip
     for name, value in checks.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -220,6 +228,8 @@ def fit(
         raise ValueError(f"clip_norm must be positive or None, got {clip_norm!r}")
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"max_minutes must be positive, got {max_minutes}")
+    if not 0 < lr_drop_factor < 1:
+        raise ValueError(f"lr_drop_factor must be in (0, 1), got {lr_drop_factor!r}")
     if (resume or overwrite) and out_dir is None:
         raise ValueError("resume and overwrite need out_dir, the run folder")
     if resume and overwrite:
@@ -236,6 +246,7 @@ def fit(
         options.config = _describe({"model": model, **settings, "batch_size": batch_size, "crop_length": crop_length,
                                     "batches_per_epoch": batches_per_epoch, "kl_anneal_epochs": kl_anneal_epochs,
                                     "valid_every": valid_every, "patience": patience, "eval_every": eval_every,
+                                    "lr_drop_patience": lr_drop_patience, "lr_drop_factor": lr_drop_factor,
                                     "eval_batch_size": eval_batch_size, "seed": seed,
                                     **{f"{k}_data": f"{len(d)} sequences, {d.steps} steps" for k, d in data.items()}})
     dist = Dist()
@@ -281,6 +292,7 @@ class _Run:
                      for k in ("valid", "test") if k in data}  # fmt: skip
         self.rows: List[Dict[str, Any]] = []
         self.start_epoch, self.wall, self.batches_run = 0, 0.0, 0
+        self.cpu, self.updates = 0.0, 0  # training CPU seconds (all threads) and optimiser steps, over the run
         self.best_valid, self.best_epoch, self.stale = math.inf, 0, 0
         self.best_state: Optional[Dict[str, Any]] = None
         self.folder: Optional[RunFolder] = None
@@ -340,6 +352,7 @@ class _Run:
                                   "the settings that wrote it, or start again with --overwrite (overwrite=True)"
                                   ) from None  # fmt: skip
         self.start_epoch, self.wall = state["epoch"], state["wall_time"]
+        self.cpu, self.updates = state.get("cpu_time", 0.0), state.get("updates", 0)
         self.best_valid, self.best_epoch, self.stale = state["best_valid"], state["best_epoch"], state["stale"]
         if self.best_epoch:
             self.best_state = read_checkpoint(self.out_dir / BEST)
@@ -364,17 +377,21 @@ class _Run:
                 self.crops.epoch = epoch
                 self.sampler.set_epoch(epoch)
                 self.trainer.kl_weight = beta = kl_weight(epoch, o.kl_anneal_epochs)
-                lr, started = self.trainer.lr, time.monotonic()
+                lr, started, cpu_started = self.trainer.lr, time.monotonic(), time.process_time()
                 loss_sum, step_sum, out_of_time = self._train_epoch(progress, deadline)
                 self.trainer.end_epoch()
                 self.wall += time.monotonic() - started
+                self.cpu += time.process_time() - cpu_started
                 done = epoch + 1
-                row = {"epoch": done, "wall_time_s": self.wall, "train_loss_per_step": loss_sum / max(step_sum, 1),
-                       "kl_weight": beta, "lr": lr}  # fmt: skip
+                row = {"epoch": done, "wall_time_s": self.wall, "cpu_time_s": self.cpu, "updates": self.updates,
+                       "train_loss_per_step": loss_sum / max(step_sum, 1), "kl_weight": beta, "lr": lr}  # fmt: skip
                 stop_reason = "max_minutes" if out_of_time else stop_reason
                 last = done == o.epochs or out_of_time
                 if "valid" in self.eval and (done % o.valid_every == 0 or last):
                     row.update(self._validate(done))
+                    drop = o.lr_drop_patience
+                    if drop is not None and self.stale and self.stale % drop == 0:  # kept by the checkpoint
+                        self.trainer.scale_lr(o.lr_drop_factor)
                     if o.patience is not None and self.stale >= o.patience and not last:
                         stop_reason, last = "patience", True
                 evaluated = done % o.eval_every == 0 or last
@@ -405,6 +422,7 @@ class _Run:
                 break
             xs, mask = self._to(batch)
             loss = self.trainer.step(xs, mask)
+            self.updates += 1
             steps = xs.shape[0] * xs.shape[1] if mask is None else mask.sum().item()
             loss_sum, step_sum = loss_sum + loss, step_sum + steps
             batches.set_postfix(loss_per_step=f"{loss / max(steps, 1):.3f}", refresh=False)
@@ -422,13 +440,13 @@ class _Run:
         """The free energy per step on the whole ``split`` sequences (this process's share, then summed)."""
         shard = self.eval[split][self.dist.rank :: self.dist.world]
         o = self.options
-        total, steps = score_batches(o.model, self.trainer.guide, shard, stream=o.stream, seed=o.seed)
-        total, steps = self.dist.sum(total, steps)
-        return FreeEnergy(total / max(steps, 1.0), int(steps), total)
+        score = score_batches(o.model, self.trainer.guide, shard, stream=o.stream, seed=o.seed)
+        return FreeEnergy.from_sums(*self.dist.sum(*score.sums))
 
     def _validate(self, epoch: int) -> Dict[str, Any]:
         """Score the validation sequences; keep (and save) the parameters when they improve on the best."""
-        score = self._score("valid").per_step
+        scored = self._score("valid")
+        score = scored.per_step
         if score < self.best_valid:
             self.best_valid, self.best_epoch, self.stale = score, epoch, 0
             self.best_state = self.trainer.snapshot()
@@ -437,22 +455,25 @@ class _Run:
                                 **self.best_state)  # fmt: skip
         else:
             self.stale += 1
-        return {"valid_free_energy_per_step": score, "best_valid_free_energy_per_step": self.best_valid,
-                "best_epoch": self.best_epoch}  # fmt: skip
+        return {"valid_free_energy_per_step": score, "valid_free_energy_paper": scored.paper,
+                "best_valid_free_energy_per_step": self.best_valid, "best_epoch": self.best_epoch}  # fmt: skip
 
     def _test(self, use_best: bool, epoch: int) -> Dict[str, Any]:
         """Score the test sequences with the current parameters, or with the best ones (restored after)."""
         if not (use_best and self.best_state is not None):
-            score = self._score("test")
-            return {"test_free_energy_per_step": score.per_step, "test_steps": score.steps, "tested_epoch": epoch}
+            return self._test_row(self._score("test"), epoch)
         current = self.trainer.snapshot()
         self.trainer.restore(self.best_state)
         try:
             score = self._score("test")
         finally:
             self.trainer.restore(current)
-        return {"test_free_energy_per_step": score.per_step, "test_steps": score.steps,
-                "tested_epoch": self.best_epoch}  # fmt: skip
+        return self._test_row(score, self.best_epoch)
+
+    @staticmethod
+    def _test_row(score: FreeEnergy, epoch: int) -> Dict[str, Any]:
+        return {"test_free_energy_per_step": score.per_step, "test_free_energy_paper": score.paper,
+                "test_steps": score.steps, "test_sequences": score.sequences, "tested_epoch": epoch}  # fmt: skip
 
     def _record(self, row: Dict[str, Any], plot: bool) -> None:
         """Add the row to the history; process 0 rewrites results.csv, draws the figures and saves the
@@ -468,5 +489,6 @@ class _Run:
             plot_run(self.out_dir, pd.DataFrame(self.rows), self.trainer.model_fn, self.trainer.guide,
                      self.data[split].head(4), self.options.seed, counts, split)  # fmt: skip
         save_checkpoint(self.out_dir / CHECKPOINT, version=CHECKPOINT_VERSION, epoch=row["epoch"],
-                        wall_time=self.wall, config=self.options.config, **self.trainer.state_dict(), rng=rng_state(),
+                        wall_time=self.wall, cpu_time=self.cpu, updates=self.updates, config=self.options.config,
+                        **self.trainer.state_dict(), rng=rng_state(),
                         best_valid=self.best_valid, best_epoch=self.best_epoch, stale=self.stale)  # fmt: skip

@@ -313,3 +313,37 @@ def test_bad_observations_are_refused_before_the_stream_moves():
         f.init(batch_size=0)
     with pytest.raises(ValueError, match=r"mask must be None or a bool tensor of shape \(2, 3\)"):
         streamed_free_energy(dmm, guide, torch.zeros(2, 3, 88), torch.ones(2, 3))
+
+
+def test_both_normalisations_streamed_and_batched_on_real_songs():
+    """Ours divides the total over real steps by their number; the AVF paper's leaves out each song's first step,
+    divides by the song's length and averages over songs. Streamed and batch passes agree on both."""
+    from pyro_avf.evaluation import FreeEnergy, evaluate
+    from pyro_avf.free_energy import SequenceScores
+    from pyro_avf.online import streamed_sequence_scores
+
+    model, kind = small("srnn")
+    xs, mask = padded_batch(model, kind)
+    guide = briefly_trained(model, xs[:, :4])
+    pyro.set_rng_seed(5)
+    batch = filtering_free_energy(model.model, guide, xs, mask)
+    f, real = batch["free_energy"].double(), batch["observed"] & mask
+    per_step = (f * real).sum() / real.sum()
+    paper = torch.stack([f[n, 1:LENGTHS[n]].sum() / LENGTHS[n] for n in range(3)]).mean()  # t = 0 not scored
+    assert paper < per_step - 0.1  # the first step of a song costs more than the average step
+
+    streamed = streamed_sequence_scores(model, guide, xs, mask, seed=5)
+    torch.testing.assert_close(streamed.first, f[:, 0], rtol=1e-5, atol=1e-5)
+    scored = FreeEnergy.from_scores(streamed)
+    assert scored.steps == sum(LENGTHS) and scored.sequences == 3
+    assert scored.per_step == pytest.approx(per_step.item(), rel=1e-5)
+    assert scored.paper == pytest.approx(paper.item(), rel=1e-5)
+    songs = [xs[n, : LENGTHS[n]] for n in range(3)]  # whole data sets, in batches: the same either way
+    batched, streamed = (evaluate(model, guide, songs, batch_size=2, stream=s, seed=5) for s in (None, as_stream))
+    assert batched.sequences == streamed.sequences == 3 and batched.steps == streamed.steps == sum(LENGTHS)
+    assert streamed.per_step == pytest.approx(batched.per_step, rel=1e-5)
+    assert streamed.paper == pytest.approx(batched.paper, rel=1e-5)
+    # a padded sequence with no real step counts in neither normalisation
+    empty = SequenceScores.from_steps(f, real & (torch.arange(3) < 2)[:, None])
+    assert empty.steps.tolist() == list(LENGTHS[:2]) + [0] and empty.paper_sum() == pytest.approx(
+        sum(f[n, 1 : LENGTHS[n]].sum().item() / LENGTHS[n] for n in range(2)), rel=1e-6)

@@ -18,7 +18,7 @@ from torch import nn
 import pyro_avf
 from pyro_avf import training
 from pyro_avf.checkpoints import read_checkpoint
-from pyro_avf.evaluation import evaluate
+from pyro_avf.evaluation import FreeEnergy, evaluate
 
 
 class TinySSM(nn.Module):
@@ -119,7 +119,7 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_one(tmp_path):
     assert read_checkpoint(tmp_path / "cut" / training.CHECKPOINT)["epoch"] == 1
     resumed = training.fit(fresh(seed=123), TRAIN, out_dir=tmp_path / "cut", resume=True, **options)
 
-    columns = [c for c in whole.history.columns if c != "wall_time_s"]
+    columns = [c for c in whole.history.columns if c not in ("wall_time_s", "cpu_time_s")]
     pd.testing.assert_frame_equal(whole.history[columns], resumed.history[columns])
     assert len(whole.history) == 3 and whole.history["test_free_energy_per_step"].notna().all()
     last = [read_checkpoint(tmp_path / d / training.CHECKPOINT) for d in ("whole", "cut")]
@@ -132,7 +132,8 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_one(tmp_path):
 
 def test_early_stopping_stops_after_patience_validations_without_improvement(tmp_path, monkeypatch):
     curve = iter([5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 2.0, 1.0])  # validation free energy per step, epoch by epoch
-    monkeypatch.setattr(training, "score_batches", lambda *args, **kwargs: (10 * next(curve), 10))
+    monkeypatch.setattr(training, "score_batches",
+                        lambda *args, **kwargs: FreeEnergy.from_sums(10 * next(curve), 10, 0.0, 1))  # fmt: skip
     result = training.fit(fresh(), TRAIN, valid_data=VALID, epochs=10, patience=3, out_dir=tmp_path, plots=False,
                           **SMALL)  # fmt: skip
     assert result.stop_reason == "patience"
@@ -144,6 +145,26 @@ def test_early_stopping_stops_after_patience_validations_without_improvement(tmp
     now = result.trainer.snapshot()["net"]
     assert all(torch.equal(now[k], best[k]) for k in best)  # the model holds the parameters of epoch 3
     assert not all(torch.equal(last[k], best[k]) for k in best)
+
+
+def test_the_learning_rate_drops_after_validations_without_improvement_and_resumes_dropped(tmp_path, monkeypatch):
+    scores = [5.0, 4.0, 4.5, 4.2, 3.0, 3.5, 3.6, 3.7, 3.8]  # no improvement at epochs 3-4 and 6-9
+    curve = iter(scores)
+    monkeypatch.setattr(training, "score_batches",
+                        lambda *args, **kwargs: FreeEnergy.from_sums(10 * next(curve), 10, 0.0, 1))  # fmt: skip
+    options = dict(valid_data=VALID, lr_drop_patience=2, lr_drop_factor=0.5, plots=False, **SMALL)
+    result = training.fit(fresh(), TRAIN, epochs=7, out_dir=tmp_path, **options)
+    lr = result.history["lr"].tolist()  # the rate each epoch trained with
+    base = lr[0]
+    assert lr == pytest.approx([base, base, base, base, base / 2, base / 2, base / 2])
+    assert result.trainer.lr == pytest.approx(base / 4)  # dropped again after epoch 7 (stale 2)
+    per_epoch = result.history["updates"].iloc[0]
+    assert per_epoch >= 1 and result.history["updates"].tolist() == [per_epoch * e for e in range(1, 8)]
+    assert result.history["cpu_time_s"].is_monotonic_increasing
+    resumed = training.fit(fresh(), TRAIN, epochs=9, out_dir=tmp_path, resume=True, **options)
+    assert resumed.history["lr"].tolist()[7:] == pytest.approx([base / 4, base / 4])
+    with pytest.raises(ValueError, match="lr_drop_factor"):
+        training.fit(fresh(), TRAIN, lr_drop_factor=1.5, **SMALL)
 
 
 def test_the_time_budget_ends_the_run_after_the_batch_under_way():

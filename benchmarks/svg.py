@@ -10,7 +10,13 @@ one with the least time so far going next, so that a drifting machine load hits 
 script's own, since :func:`pyro_avf.training.fit` trains one model at a time):
 
 * ``AVF``: ``IterativeGuide(svg.model, num_iterations=K)`` + ``AmortizedFilteringELBO``;
-* ``baseline``: ``svg.guide`` (posterior LSTM on the current frame's encoding) + ``Trace_ELBO``.
+* ``baseline``: ``svg.guide`` (posterior LSTM on the current frame's encoding) + ``TraceMeanField_ELBO`` (the
+  analytic KL given the sampled past: the estimator of AVF's objective, so both train the same free energy).
+
+``--steps S`` gives every method S optimiser steps instead of a time budget (equal epochs, interleaved the same
+way). With ``--curve-every N`` every method is scored on the test sequences every N of its steps; the curve
+(steps, measured training seconds, test free energy) goes to ``--curve`` (CSV) and a figure beside it, so one
+table gives the comparison both at equal steps and at equal training time.
 
 Data: one digit, ``--frame-size`` square frames, ``--frames`` steps, dequantized 8-bit values
 :math:`(v + u)/256` (fresh noise per training batch, one fixed draw for the test set). Score: the test
@@ -31,8 +37,9 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional
 
+import pandas as pd
 import pyro
 import torch
 
@@ -54,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_data_args(p)
     p.add_argument("--minutes", type=float, default=3.0, help="wall-clock training budget per method")
+    p.add_argument("--steps", type=int, default=None, help="train every method for exactly this many steps "
+                   "(instead of --minutes: equal epochs)")
+    p.add_argument("--curve-every", type=int, default=None, help="score the test sequences every this many steps "
+                   "of each method (None: only at the end)")
+    p.add_argument("--curve", type=Path, default=None, help="CSV of the learning curves (and a PNG beside it)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -66,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("/tmp/svg_table.md"))
     args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be positive, got {args.steps}")
     if args.minutes <= 0:
         p.error(f"--minutes must be positive, got {args.minutes}")
     return args
@@ -126,15 +140,53 @@ class Method:
         }
 
 
-def train_interleaved(methods, train_u8: torch.Tensor, args) -> None:
-    """Give every method ``args.minutes`` of measured training time, always stepping the one that has had
-    the least so far: machine load that drifts during the run hits all methods alike."""
+def train_interleaved(methods, train_u8: torch.Tensor, args, test_x: Optional[torch.Tensor] = None) -> List[dict]:
+    """Give every method ``args.minutes`` of measured training time (or ``args.steps`` steps), always stepping
+    the one that has had the least so far: machine load that drifts during the run hits all methods alike.
+    Returns the learning-curve rows (every ``args.curve_every`` steps of a method, scored on ``test_x``)."""
     budget = 60 * args.minutes
+    curve: List[dict] = []
     while True:
-        behind = min(methods, key=lambda m: m.seconds)
-        if behind.seconds >= budget:
-            return
+        if args.steps is None:
+            behind = min(methods, key=lambda m: m.seconds)
+            if behind.seconds >= budget:
+                return curve
+        else:
+            behind = min(methods, key=lambda m: (m.steps, m.seconds))
+            if behind.steps >= args.steps:
+                return curve
         behind.step(train_u8, args.batch_size)
+        if args.curve_every and test_x is not None and behind.steps % args.curve_every == 0:
+            r = behind.evaluate(test_x)
+            curve.append({"method": behind.name, "steps": behind.steps, "train_seconds": behind.seconds,
+                          "test_free_energy_per_sequence": r["per_sequence"], "se": r["per_sequence_se"],
+                          "kl_per_frame": r["kl_per_frame"]})  # fmt: skip
+            print(f"  {behind.name} at step {behind.steps} ({behind.seconds:.0f} s): test {r['per_sequence']:.1f} "
+                  "nats/sequence", flush=True)  # fmt: skip
+
+
+def plot_curve(curve: pd.DataFrame, path: Path) -> None:
+    """Test free energy against training steps and against measured training time, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for method, g in curve.groupby("method"):
+        for ax, x in zip(axes, ("steps", "train_seconds")):
+            ax.errorbar(g[x] / (60 if x == "train_seconds" else 1), g["test_free_energy_per_sequence"], yerr=g["se"],
+                        marker="o", ms=3, capsize=2, label=method)  # fmt: skip
+    axes[0].set(xlabel="training steps", ylabel="test free energy (nats/sequence)", title="equal steps")
+    axes[1].set(xlabel="measured training time (min)", title="equal time")
+    for ax in axes:
+        ax.ticklabel_format(useOffset=False, style="plain", axis="y")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"SVG on Moving MNIST: AVF vs SVG's own filter ({curve.attrs.get('test', '?')} test sequences)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> Dict[str, Dict[str, float]]:
@@ -144,7 +196,13 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     train_u8, test_u8 = load_data(args)
     test_x = dequantize(test_u8, generator=torch.Generator().manual_seed(args.seed + 1))
     methods = [Method(name, args, train_u8.shape[2:]) for name in args.methods]
-    train_interleaved(methods, train_u8, args)
+    curve = train_interleaved(methods, train_u8, args, test_x)
+    if curve and args.curve is not None:
+        args.curve.parent.mkdir(parents=True, exist_ok=True)
+        table = pd.DataFrame(curve)
+        table.to_csv(args.curve, index=False, float_format="%.2f")
+        table.attrs["test"] = len(test_x)
+        plot_curve(table, args.curve.with_suffix(".png"))
     results = {}
     for m in methods:
         results[m.name] = r = m.evaluate(test_x)
@@ -156,7 +214,8 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
         f"torch {torch.__version__}, {platform.python_version()}; {torch.get_num_threads()} thread(s)  ",
         f"Data: Moving MNIST, 1 digit, {args.frame_size}x{args.frame_size}, {args.frames} frames, "
         f"{args.num_train} train / {args.num_test} test sequences, dequantized 8-bit values in (0, 1); "
-        f"{args.minutes:g} min of measured training time per method, the methods' steps interleaved; "
+        + (f"{args.minutes:g} min of measured training time" if args.steps is None else f"{args.steps} steps")
+        + " per method, the methods' steps interleaved; "
         f"AVF with K = {args.iterations}",
         "",
         "| SVG filter | test free energy (nats/sequence, ± s.e.) | nats/frame | KL nats/frame | training steps |",

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pyro
 import pytest
 import torch
@@ -20,6 +21,7 @@ import memory  # noqa: E402
 import music  # noqa: E402
 import plain_torch_srnn_avf as plain  # noqa: E402
 import speed  # noqa: E402
+import svg  # noqa: E402
 
 from pyro_avf import AmortizedFilteringELBO, IterativeGuide  # noqa: E402
 from pyro_avf.models.srnn import SRNN  # noqa: E402
@@ -131,14 +133,33 @@ def test_memory_slope_is_growth_per_thousand_steps():
     assert memory.slopes(rows) == {"g": pytest.approx(2.0)}
 
 
-def test_music_table_row_beside_the_paper(tmp_path):
-    rows = music.main(["--minutes", "0.02", "--methods", "avf_k1", "--max-eval-songs", "2",
-                       "--out-root", str(tmp_path), "--out", str(tmp_path / "table.md"), "--extra",
-                       "--model-size", "16", "--hidden-size", "16", "--max-train-batches", "1"])  # fmt: skip
-    assert [r["method"] for r in rows] == ["avf_k1"]
-    assert [r["paper"] for r in rows] == [6.77]
-    assert all(math.isfinite(r["test_free_energy_per_step"]) and r["test_steps"] > 0 for r in rows)
-    table = (tmp_path / "table.md").read_text().splitlines()
-    assert table[2].startswith("| data set | method | K |") and len(table) == 5
-    assert music.markdown([], 1, None).splitlines()[0].endswith("nats).")
-    assert table[4].startswith("| jsb_chorales | avf_k1 | 1 |") and table[4].endswith("| 6.77 |")
+def test_music_table_has_both_normalisations_and_resumes_unfinished_runs(tmp_path):
+    """Two rows per run (ours and the paper's normalisation) in the CSV of the issue's columns; a run stopped by
+    its invocation budget is resumed by the next invocation, and only a finished run reaches the CSV."""
+    csv = tmp_path / "music.csv"
+    options = ["--max-eval-songs", "2", "--out-root", str(tmp_path / "runs"),
+               "--csv", str(csv), "--extra", "--model-size", "16", "--z-dim", "4", "--hidden-size", "16",
+               "--max-train-batches", "1"]  # fmt: skip
+    table = music.main(["--epochs", "1", "--methods", "baseline", "avf_k1", *options])
+    assert list(table.columns) == music.COLUMNS and len(table) == 4
+    assert sorted(table["normalisation"]) == ["paper", "paper", "per_step", "per_step"]
+    assert table["test_free_energy_per_step"].between(5, 70).all() and (table["epochs"] == 1).all()
+    ours, paper = (table[table["normalisation"] == n].set_index("inference") for n in ("per_step", "paper"))
+    assert (paper["test_free_energy_per_step"] != ours["test_free_energy_per_step"]).all()
+    table = music.main(["--epochs", "2", "--methods", "avf_k1", *options])  # resumed from epoch 1, rows replaced
+    assert len(table) == 4 and table.groupby("inference")["epochs"].max().to_dict() == {"avf": 2, "baseline": 1}
+    assert table.groupby("inference")["updates"].max().to_dict() == {"avf": 2, "baseline": 1}
+    lines = music.markdown(table).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| jsb_chorales | avf_k1 | 0 | 2 |") and lines[2].endswith("6.97 |")
+
+
+def test_svg_learning_curves_at_equal_steps(tmp_path):
+    curve = tmp_path / "curve.csv"
+    results = svg.main(["--steps", "2", "--curve-every", "1", "--num-train", "8", "--num-test", "4", "--frames", "4",
+                        "--frame-size", "16", "--g-dim", "8", "--rnn-size", "8", "--nf", "4", "--curve", str(curve),
+                        "--out", str(tmp_path / "svg.md")])  # fmt: skip
+    assert {m: r["steps"] for m, r in results.items()} == {"AVF": 2, "baseline": 2}
+    rows = pd.read_csv(curve)
+    assert sorted(zip(rows["method"], rows["steps"])) == [("AVF", 1), ("AVF", 2), ("baseline", 1), ("baseline", 2)]
+    assert rows.groupby("method")["train_seconds"].apply(lambda x: x.is_monotonic_increasing).all()
+    assert curve.with_suffix(".png").stat().st_size > 10_000

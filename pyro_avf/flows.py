@@ -31,6 +31,8 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyro_avf.step import filtering_step
+
 __all__ = [
     "AffineAutoregressiveFlow",
     "FlowSequenceModel",
@@ -289,25 +291,32 @@ class FlowSequenceModel(nn.Module):
             h = (h - mu) / sigma
         return compose_affine(shifts, scales)
 
-    def model(self, xs: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """The flow model as a Pyro program: one observe site ``x_{t}`` per step, no latent sites.
+    @filtering_step
+    def step(self, t: int, base: dist.TorchDistribution, shift_t: torch.Tensor, scale_t: torch.Tensor,
+             x_t: torch.Tensor, mask_t: torch.Tensor | None = None) -> None:
+        """Frame t: the observe site ``x_{t}``, the base pushed through the stack's affine map (masked by
+        ``mask_t``). A marked step (:func:`~pyro_avf.filtering_step`) without latent sites, so that
+        :func:`~pyro_avf.evaluation.evaluate` scores the exact :math:`-\\log p(x_t \\mid x_{<t})` per step."""
+        with poutine.mask(mask=True if mask_t is None else mask_t.bool()):
+            pyro.sample(f"x_{t}", flow_observation(base, shift_t, scale_t), obs=x_t)
 
-        Trains with ``SVI(model, guide=lambda *a, **k: None, ..., Trace_ELBO())``; the ELBO is then the
-        exact log-likelihood. ``mask`` (B, T) switches off padded steps.
+    def model(self, xs: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """The flow model as a Pyro program: one observe site ``x_{t}`` per step (:meth:`step`), no latent sites.
+
+        Trains with ``SVI(model, guide=lambda *a, **k: None, ..., Trace_ELBO())`` or with
+        ``Trainer(flow, inference="baseline")`` (:meth:`guide`); the ELBO is then the exact log-likelihood.
+        ``mask`` (B, T) switches off padded steps.
         """
         pyro.module("flow_sequence_model", self)
         shift, scale = self.step_shift_and_scale(xs)
-        base = self.base_distribution()
         batch, steps = xs.shape[:2]
+        base = self.base_distribution().expand((batch,))
         with pyro.plate("sequences", batch):
             for t in range(steps):
-                m = True if mask is None else mask[:, t].bool()
-                with poutine.mask(mask=m):
-                    pyro.sample(
-                        f"x_{t}",
-                        flow_observation(base.expand((batch,)), shift[:, t], scale[:, t]),
-                        obs=xs[:, t],
-                    )
+                self.step(t, base, shift[:, t], scale[:, t], xs[:, t], None if mask is None else mask[:, t])
+
+    def guide(self, xs: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """The exact "filter" of a model without latent variables: it samples nothing."""
 
 
 def temporal_correlation(seq: torch.Tensor, eps: float = 1e-8, per_dim: bool = False) -> torch.Tensor:

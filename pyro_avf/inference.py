@@ -131,6 +131,7 @@ class LatentRecord(NamedTuple):
     prior: object
     lam: Lambda
     value: torch.Tensor
+    mask: object = None  # the site's mask (poutine.mask and the step's context), None when unmasked
 
 
 class ObservedRecord(NamedTuple):
@@ -177,7 +178,7 @@ class StepRun(Messenger):
         q = posterior(lam[0], lam[1], fn)
         z = q.rsample()
         msg["value"], msg["done"] = z, True
-        self.latents.append(LatentRecord(name, fn, lam, z))
+        self.latents.append(LatentRecord(name, fn, lam, z, msg["mask"]))
         score_site(self.terms, msg, prior=fn, q=q, q_params=lam)
 
     def latent_errors(self, i: int) -> torch.Tensor:

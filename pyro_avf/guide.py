@@ -147,6 +147,10 @@ class IterativeGuide(GuideMessenger, nn.Module):
         return self._pass is not None and self._pass.is_online
 
     def __getstate__(self) -> Dict[str, object]:
+        # the param store tags each parameter it hands out with a weak reference to itself (re-made on every
+        # access); drop it, as ParamStoreDict.get_state does, so that torch.save(guide) can pickle the parameters
+        for p in self.parameters():
+            p.__dict__.pop("unconstrained", None)
         state = super().__getstate__()  # GuideMessenger drops the trace
         for transient in ("last_pass", "_pass", "_active"):
             state[transient] = None

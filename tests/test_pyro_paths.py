@@ -163,6 +163,22 @@ def test_restore_with_torch_save(trained, tmp_path):
     check_restored(trained, seeded_loss(restored, trained["xs"]))
 
 
+def test_torch_save_right_after_svi_steps(tmp_path):
+    """Without a param-store save in between (which strips Pyro's weak references from the parameters)."""
+    pyro.clear_param_store()
+    xs = data(**SAVE_SHAPE)
+    guide = new_guide()
+    svi = SVI(readme_model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=AmortizedFilteringELBO())
+    for _ in range(3):
+        svi.step(xs)
+    reference = seeded_loss(guide, xs)
+    torch.save(guide, tmp_path / "guide.pt")
+    svi.step(xs)  # the guide still trains after being saved
+    pyro.clear_param_store()
+    restored = torch.load(tmp_path / "guide.pt", weights_only=False)
+    assert seeded_loss(restored, xs) == pytest.approx(reference, rel=1e-6)
+
+
 # ----- 4. JIT -----
 
 

@@ -2,6 +2,7 @@
 on TIMIT, KTH and BAIR layouts written here, on Moving MNIST from the real MNIST digits and on simulated LG-SSM
 sequences; the refusals of a model on a data set it does not fit and of a baseline without an own filter."""
 
+import functools
 import math
 from pathlib import Path
 
@@ -205,9 +206,20 @@ def test_run_settings_hold_the_data_options_of_their_data_set_only():
     video = train.parse_args(train.build_parser(), ["--model", "svg", "--dataset", "moving_mnist"])
     config = train.run_config(video)
     assert {"frame_size", "sequence_length", "train_sequences", "test_sequences", "data_seed"} <= set(config)
-    assert str(train.default_out_dir(video)).startswith(str(Path("runs") / "svg-moving_mnist-avf-k5-seed0-"))
+    assert str(train.default_out_dir(video)).startswith(str(Path("runs") / "svg-moving_mnist-avf-k1-seed0-"))
     flow = train.parse_args(train.build_parser(), ["--model", "1-af", "--dataset", "kth", "--inference", "baseline"])
     assert train.default_out_dir(flow).name.startswith("1-af-kth-baseline-seed0-")
     smaller = train.parse_args(train.build_parser(), ["--model", "svg", "--dataset", "moving_mnist", "--frame-size",
                                                       "16"])  # fmt: skip
     assert train.default_out_dir(smaller) != train.default_out_dir(video)
+
+
+def test_video_and_simulated_data_have_training_defaults_of_their_own_that_options_override():
+    parse = functools.partial(train.parse_args, train.build_parser())
+    music, video, lg = parse([]), parse(["--model", "svg", "--dataset", "kth"]), parse(["--model", "lgssm",
+                                                                                         "--dataset", "simulated"])
+    assert (music.lr, music.iterations, music.epochs) == (1e-4, 5, 800)  # the AVF paper's music settings
+    assert (video.lr, video.iterations, video.kl_anneal_epochs, video.epochs) == (1e-3, 1, 1, 20)
+    assert (lg.lr, lg.batch_size, lg.kl_anneal_epochs, lg.epochs) == (3e-3, 64, 0, 10)
+    given = parse(["--model", "lgssm", "--dataset", "simulated", "--lr", "0.01", "--epochs", "3"])
+    assert (given.lr, given.epochs, given.batch_size) == (0.01, 3, 64)

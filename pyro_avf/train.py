@@ -29,7 +29,8 @@ A model on a data set it does not fit, and ``--inference baseline`` for a model 
 Training (AVF paper, App. B.2): random crops of ``--crop-length`` steps, batches of ``--batch-size`` (the global
 batch, split over the ranks), gradients clipped element-wise (``pyro.optim.ClippedAdam``), learning rate
 :math:`\\eta_e = \\eta \\cdot 0.999^{e}` in epoch e (``pyro.optim.ExponentialLR``), KL weight
-:math:`\\beta_e = \\min(1, (e + 1) / E_{KL})`. The objective of a batch of B crops is the free energy per crop,
+:math:`\\beta_e = \\min(1, ((e + 1) / E_{KL})^p)` (``--kl-anneal-power`` p). The objective of a batch of B
+crops is the free energy per crop,
 :math:`\\frac1B \\sum_n \\mathcal{F}_n`.
 
 Inference (``--inference``, :mod:`pyro_avf.trainer`):
@@ -135,6 +136,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "hidden_size": 256, "lr": 3e-3, "lr_decay": 0.99, "kl_anneal_epochs": 3, "eval_every": 1000,
         "max_minutes": 10.0,
     },  # fmt: skip
+    # the AVF paper's code: an "epoch" of 10 batches, β = (e/50)², 2x1,024 learned-SGD update networks
+    "avf_code": {"max_train_batches": 10, "kl_anneal_epochs": 50, "kl_anneal_power": 2.0, "update": "learned_sgd",
+                 "hidden_size": 1024, "iterations": 5, "epochs": 800},  # fmt: skip
 }
 
 
@@ -169,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset", choices=sorted(PRESETS), default="paper",
         help="paper: the AVF paper's settings (the defaults shown here); cpu: a short run on a laptop CPU that "
-        f"learns in minutes ({preset_flags('cpu')}); "
-        "options given explicitly win over the preset",
+        f"learns in minutes ({preset_flags('cpu')}); avf_code: the schedule of the AVF paper's code "
+        f"({preset_flags('avf_code')}); options given explicitly win over the preset",
     )  # fmt: skip
     p.add_argument(
         "--data-dir", default=None,
@@ -206,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, default=10.0, help="element-wise gradient clipping (ClippedAdam)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty on every trained parameter "
                    "(ClippedAdam's weight_decay), against over-fitting")  # fmt: skip
-    p.add_argument("--kl-anneal-epochs", type=int, default=50, help="β rises linearly to 1 over these epochs")
+    p.add_argument("--kl-anneal-epochs", type=int, default=50, help="β rises to 1 over these epochs")
+    p.add_argument("--kl-anneal-power", type=float, default=1.0, help="β in epoch e is min(1, ((e+1)/E)^p): 1 "
+                   "linear, 2 the AVF code's quadratic schedule")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed of the parameters, crops and noise")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                    help="where the model, the guide and the batches live (auto: cuda when a GPU is available)")
@@ -264,6 +270,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--iterations must be >= 0, got {args.iterations}")
     if args.inference == "em" and args.iterations < 1:
         parser.error("--inference em needs --iterations >= 1 (K = 0 leaves the posterior at the prior)")
+    if not (math.isfinite(args.kl_anneal_power) and args.kl_anneal_power > 0):
+        parser.error(f"--kl-anneal-power must be a positive number, got {args.kl_anneal_power}")
     if args.kl_anneal_epochs < 0:
         parser.error(f"--kl-anneal-epochs must be >= 0, got {args.kl_anneal_epochs}")
     for name in ("lr", "inference_lr", "clip_norm"):
@@ -399,6 +407,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             model, data.train, **inference_options(args), optimizer=optimizer(args), valid_data=data.valid,
             test_data=data.test, epochs=args.epochs, batch_size=args.batch_size, crop_length=args.crop_length,
             batches_per_epoch=args.max_train_batches, kl_anneal_epochs=args.kl_anneal_epochs,
+            kl_anneal_power=args.kl_anneal_power,
             valid_every=args.valid_every or 1, patience=args.patience, lr_drop_patience=args.lr_drop_patience,
             lr_drop_factor=args.lr_drop_factor, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
             stream=experiments.stream_for(model), max_minutes=args.max_minutes, out_dir=out_dir,

@@ -110,10 +110,11 @@ OUTPUTS = (CHECKPOINT, BEST, RESULTS, CURVES_PNG, PER_ITERATION_PNG, PIANO_ROLL_
 Stream = Optional[Callable[[Any], Any]]
 
 
-def kl_weight(epoch: int, anneal_epochs: int) -> float:
-    """β in (0-based) epoch ``epoch``: :math:`\\min(1, (e + 1)/E)`, linear from 1/E to 1 over the first E
-    epochs (E = 0: always 1)."""
-    return 1.0 if anneal_epochs == 0 else min(1.0, (epoch + 1) / anneal_epochs)
+def kl_weight(epoch: int, anneal_epochs: int, power: float = 1.0) -> float:
+    """β in (0-based) epoch ``epoch``: :math:`\\min(1, ((e + 1)/E)^p)`, rising from :math:`(1/E)^p` to 1 over
+    the first E epochs (E = 0: always 1); p = 1 is linear, p = 2 the AVF paper code's :math:`(e/50)^2` (one
+    epoch earlier)."""
+    return 1.0 if anneal_epochs == 0 else min(1.0, ((epoch + 1) / anneal_epochs) ** power)
 
 
 @dataclass
@@ -159,6 +160,7 @@ def fit(
     optimizer: Optional[PyroOptim] = None,
     lr_schedule: Optional[Callable[[int], float]] = None,
     kl_anneal_epochs: int = 0,
+    kl_anneal_power: float = 1.0,
     valid_every: int = 1,
     patience: Optional[int] = None,
     lr_drop_patience: Optional[int] = None,
@@ -196,7 +198,8 @@ def fit(
     :param int batch_size: sequences per optimiser step (the global batch under torchrun).
     :param crop_length: steps per random training crop (None: whole sequences).
     :param batches_per_epoch: a cap on the optimiser steps per epoch (None: every batch).
-    :param int kl_anneal_epochs: β rises linearly to 1 over these epochs (0: β = 1).
+    :param int kl_anneal_epochs: β rises to 1 over these epochs (0: β = 1), as :math:`((e+1)/E)^p` with
+        ``kl_anneal_power`` p (1: linearly; see :func:`kl_weight`).
     :param stream: ``model -> stream`` to evaluate one step at a time (see
         :func:`~pyro_avf.evaluation.evaluate`).
     :param max_minutes: wall-clock budget of this call (None: none).
@@ -222,6 +225,8 @@ def fit(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(kl_anneal_epochs, int) or kl_anneal_epochs < 0:
         raise ValueError(f"kl_anneal_epochs must be a non-negative integer, got {kl_anneal_epochs!r}")
+    if not (isinstance(kl_anneal_power, (int, float)) and math.isfinite(kl_anneal_power) and kl_anneal_power > 0):
+        raise ValueError(f"kl_anneal_power must be a positive number, got {kl_anneal_power!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if clip_norm is not None and not clip_norm > 0:
@@ -245,6 +250,7 @@ def fit(
     if config is None:
         options.config = _describe({"model": model, **settings, "batch_size": batch_size, "crop_length": crop_length,
                                     "batches_per_epoch": batches_per_epoch, "kl_anneal_epochs": kl_anneal_epochs,
+                                    "kl_anneal_power": kl_anneal_power,
                                     "valid_every": valid_every, "patience": patience, "eval_every": eval_every,
                                     "lr_drop_patience": lr_drop_patience, "lr_drop_factor": lr_drop_factor,
                                     "eval_batch_size": eval_batch_size, "seed": seed,
@@ -376,7 +382,7 @@ class _Run:
             for epoch in range(self.start_epoch, o.epochs):
                 self.crops.epoch = epoch
                 self.sampler.set_epoch(epoch)
-                self.trainer.kl_weight = beta = kl_weight(epoch, o.kl_anneal_epochs)
+                self.trainer.kl_weight = beta = kl_weight(epoch, o.kl_anneal_epochs, o.kl_anneal_power)
                 lr, started, cpu_started = self.trainer.lr, time.monotonic(), time.process_time()
                 loss_sum, step_sum, out_of_time = self._train_epoch(progress, deadline)
                 self.trainer.end_epoch()

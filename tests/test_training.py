@@ -188,6 +188,12 @@ def test_kl_annealing_sets_the_weight_of_every_epoch():
     assert result.history["kl_weight"].tolist() == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert RecordingELBO.seen[1:] == [0.25, 0.5, 0.75, 1.0, 1.0]  # after the pass that builds the networks
     assert training.kl_weight(0, 0) == 1.0 and training.kl_weight(0, 50) == 1 / 50
+    assert [training.kl_weight(e, 50, power=2) for e in (0, 24, 49, 80)] == pytest.approx([1 / 2500, 0.25, 1, 1])
+    quadratic = training.fit(fresh(), TRAIN, epochs=3, kl_anneal_epochs=2, kl_anneal_power=2.0, batches_per_epoch=1,
+                             **SMALL)  # fmt: skip
+    assert quadratic.history["kl_weight"].tolist() == [0.25, 1.0, 1.0]
+    with pytest.raises(ValueError, match="kl_anneal_power"):
+        training.fit(fresh(), TRAIN, kl_anneal_power=0, **SMALL)
 
 
 def test_learning_rate_schedules_and_gradient_clipping():

@@ -10,6 +10,10 @@ terms are joined along the last dim:
   :math:`\varepsilon_x`, with :math:`\varepsilon_z = (u - \mu_p)/\sigma_p` the latent's prediction error under its
   prior (in the unconstrained space) and :math:`\varepsilon_x = (x - \mu_x)/\sigma_x` the observations';
 - *observation encoding* (added to either): the step's observed values :math:`x_t`.
+
+A full-covariance slot (``IterativeGuide(posterior="full")``) adds the strictly-lower entries of its Cholesky
+factor, :math:`\ell_i`, to λ and (gradient encoding) :math:`\nabla_{\ell_i} \mathcal{F}` to the gradients; a
+group without one gets exactly the inputs above.
 """
 
 from __future__ import annotations
@@ -20,19 +24,20 @@ import torch
 
 from pyro_avf.posterior import unconstrained_event_dim
 
-Lambda = Tuple[torch.Tensor, torch.Tensor]
+Lambda = Tuple[torch.Tensor, ...]
 SIGNALS = ("gradient", "error")
 
 
 class NetworkInputs(NamedTuple):
     """The flattened inputs of one update network and how to give its output back its slots' shapes."""
 
-    lam: Lambda
-    grads: Lambda
+    lam: Lambda  # (loc, log_scale), plus the joined lower entries when a slot has full covariance
+    grads: Lambda  # the same parts' gradients
     errors: Optional[Lambda]
     obs: Optional[torch.Tensor]
-    shapes: List[torch.Size]  # each slot's λ shape
+    shapes: List[Tuple[torch.Size, ...]]  # each slot's λ shapes
     slot_dims: List[int]
+    lower_dims: List[int]  # each slot's number of lower entries (0: diagonal)
 
     @property
     def dim(self) -> int:
@@ -46,10 +51,15 @@ class NetworkInputs(NamedTuple):
     def obs_dim(self) -> int:
         return 0 if self.obs is None else self.obs.size(-1)
 
-    def unflatten(self, loc: torch.Tensor, log_scale: torch.Tensor) -> List[Lambda]:
-        """Split a network's output into the slots' ``(loc, log_scale)`` of their own shapes."""
-        pairs = zip(loc.split(self.slot_dims, -1), log_scale.split(self.slot_dims, -1))
-        return [(a.reshape(shape), b.reshape(shape)) for (a, b), shape in zip(pairs, self.shapes)]
+    def unflatten(self, loc: torch.Tensor, log_scale: torch.Tensor, lower: Optional[torch.Tensor] = None
+                  ) -> List[Lambda]:  # fmt: skip
+        """Split a network's output into the slots' ``(loc, log_scale)`` (and ``lower`` of a full-covariance
+        slot) of their own shapes."""
+        parts = [loc.split(self.slot_dims, -1), log_scale.split(self.slot_dims, -1)]
+        if lower is not None:
+            parts.append(lower.split(self.lower_dims, -1))
+        slots = zip(zip(*parts), self.shapes)
+        return [tuple(p.reshape(shape) for p, shape in zip(slot, shapes)) for slot, shapes in slots]
 
 
 class Encoding:
@@ -90,11 +100,17 @@ class Encoding:
         locs = [flat(lambdas[i][0], i) for i in group]
         lam = (joined(locs), joined([flat(lambdas[i][1], i) for i in group]))
         g = (joined([flat(grads[i][0], i) for i in group]), joined([flat(grads[i][1], i) for i in group]))
+        lower_dims = [lambdas[i][2].size(-1) if len(lambdas[i]) > 2 else 0 for i in group]
+        if any(lower_dims):
+            full = [i for i in group if len(lambdas[i]) > 2]
+            lam += (joined([flat(lambdas[i][2], i) for i in full]),)
+            g += (joined([flat(grads[i][2], i) for i in full]),)
         errors = None
         if self.signal == "error":
             errors = (joined([flat(run.latent_errors(i), i) for i in group]), run.observation_errors(batch, lam[0]))
         obs = run.observed_values(batch, lam[0]) if self.observation else None
-        return NetworkInputs(lam, g, errors, obs, [lambdas[i][0].shape for i in group], [x.size(-1) for x in locs])
+        shapes = [tuple(p.shape for p in lambdas[i]) for i in group]
+        return NetworkInputs(lam, g, errors, obs, shapes, [x.size(-1) for x in locs], lower_dims)
 
 
 def flatten_to(x: torch.Tensor, batch_shape: torch.Size, name: str) -> torch.Tensor:

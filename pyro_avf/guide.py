@@ -32,10 +32,11 @@ from pyro_avf.inference import (
     StepRun,
     check_finite_observation,
     detached,
+    fresh_leaves,
     frozen_parameters,
 )
 from pyro_avf.passes import PassRecord
-from pyro_avf.posterior import check_continuous_latent, posterior, unconstrained_moments
+from pyro_avf.posterior import check_continuous_latent, check_family, posterior, unconstrained_moments
 from pyro_avf.step import STEP_TYPE, check_not_in_markov_loop, has_filtering_step
 from pyro_avf.updates import UpdateNetworks, update_rule
 
@@ -64,6 +65,12 @@ class IterativeGuide(GuideMessenger, nn.Module):
     :param float lr: step size of ``"sgd"`` / ``"adam"``; initial step of ``"learned_sgd"``.
     :param float lr_decay: γ in :math:`\eta_k = \eta/(1+k)^\gamma` for ``"sgd"`` / ``"adam"``.
     :param int num_samples: Monte-Carlo samples per inference-gradient estimate.
+    :param str posterior: the family of the step posteriors: ``"diagonal"`` (default) :math:`\mathcal{N}(\mu,
+        \operatorname{diag}\sigma^2)` per site, or ``"full"``: a full-covariance
+        :math:`\mathcal{N}(\mu, L L^\top)` for every vector-Normal site of a step (``Normal(...).to_event(1)``,
+        D > 1), refined by the same update (it sees the Cholesky factor's strictly-lower entries and their
+        gradients too), with the analytic KL to the diagonal prior kept. Other sites (scalar, LogNormal, ...)
+        keep the diagonal family. Latent sites outside any step stay mean-field.
     :param float init_scale: initial scale of the mean-field posterior of latent sites outside any step.
     :param str name: prefix of the guide's names in Pyro's param store (``{name}_update_slot0$$$...``,
         ``{name}_global.{site}.loc``); give guides that live side by side different names.
@@ -112,6 +119,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         lr: float = 0.1,
         lr_decay: float = 0.0,
         num_samples: int = 1,
+        posterior: str = "diagonal",
         init_scale: float = 0.1,
         name: str = "avf",
     ):
@@ -125,7 +133,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
         nets = getattr(self.update_rule, "nets", None)
         self.update_nets = UpdateNetworks() if nets is None else nets
         self.update_nets.prefix = f"{name}_update_"
-        self.inference = StepInference(num_iterations, self.update_rule, num_samples)
+        self.posterior_family = check_family(posterior)
+        self.inference = StepInference(num_iterations, self.update_rule, num_samples, self.posterior_family)
         self.num_iterations, self.num_samples, self.init_scale = num_iterations, num_samples, init_scale
         self.update = getattr(self.update_rule, "form", update)
         self.encoding, self.encode_observation = encoding, encode_observation
@@ -232,15 +241,14 @@ class IterativeGuide(GuideMessenger, nn.Module):
             return
         lambdas, graph = result.final, None
         if rec.local_gradients and rec.train and lambdas is not None and not self._local_return:
-            graph, lambdas = lambdas, [(loc.detach().requires_grad_(), ls.detach().requires_grad_()) for loc, ls in
-                                       lambdas]  # fmt: skip
-        self._active = FinalRun(result, lambdas, graph)
+            graph, lambdas = lambdas, fresh_leaves(lambdas)
+        self._active = FinalRun(result, lambdas, graph, self.posterior_family)
         rec.step_executions += 1
 
     def _finish_online(self, msg: Message, ctx: StepContext, result: StepResult) -> None:
         """Online filtering: the final run is scored here, nothing is traced and no graph leaves the step."""
         with torch.no_grad():
-            run = StepRun(ctx, result.final, 1.0)
+            run = StepRun(ctx, result.final, 1.0, self.posterior_family)
             with run:
                 value = msg["fn"](*msg["args"], **msg["kwargs"])
         self._pass.step_executions += 1

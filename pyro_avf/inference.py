@@ -46,14 +46,15 @@ from pyro_avf.encoders import flatten_to
 from pyro_avf.free_energy import StepContext, Terms, combine_masks, score_site
 from pyro_avf.posterior import (
     check_continuous_latent,
+    check_family,
     normal_parameters,
-    posterior,
+    prior_lambda,
+    site_posterior,
     unconstrained_event_dim,
-    unconstrained_moments,
     unwrap,
 )
 
-Lambda = Tuple[torch.Tensor, torch.Tensor]
+Lambda = Tuple[torch.Tensor, ...]  # (loc, log_scale), or (loc, log_scale, lower) for a full-covariance slot
 
 
 def detached(tree):
@@ -111,13 +112,14 @@ def _has_plate_shape(fn, frames) -> bool:
     return all(f.dim is None or f.size == -1 or (len(shape) >= -f.dim and shape[f.dim] == f.size) for f in frames)
 
 
-def slot_lambda(lambdas: Optional[List[Lambda]], i: int, name: str, prior, leaf: bool = False) -> Lambda:
-    """λ of latent slot ``i``: ``lambdas[i]``, or the prior's moments in the unconstrained space when
-    ``lambdas`` is None (iteration 0, or K = 0), as leaves that require grad if ``leaf``."""
+def slot_lambda(lambdas: Optional[List[Lambda]], i: int, name: str, prior, leaf: bool = False,
+                family: str = "diagonal") -> Lambda:  # fmt: skip
+    """λ of latent slot ``i``: ``lambdas[i]``, or the prior's λ in the unconstrained space
+    (:func:`~pyro_avf.posterior.prior_lambda` of the posterior ``family``) when ``lambdas`` is None
+    (iteration 0, or K = 0), as leaves that require grad if ``leaf``."""
     if lambdas is None:
-        loc, scale = unconstrained_moments(prior)
-        log_scale = scale.log()
-        return (loc.requires_grad_(), log_scale.requires_grad_()) if leaf else (loc, log_scale)
+        lam = prior_lambda(prior, family)
+        return tuple(p.requires_grad_() for p in lam) if leaf else lam
     if i < len(lambdas):
         return lambdas[i]
     raise RuntimeError(
@@ -145,12 +147,14 @@ class StepRun(Messenger):
     :attr:`terms` and stopping it here, so that no trace outside sees the re-run.
 
     With ``lambdas=None`` every slot starts at its prior (the prediction, iteration 0) and the initial
-    parameters are available as :attr:`initial_lambdas` (detached leaves that require grad).
+    parameters are available as :attr:`initial_lambdas` (detached leaves that require grad); ``family`` is the
+    posterior family of those slots (``"diagonal"`` or ``"full"``).
     """
 
-    def __init__(self, ctx: StepContext, lambdas: Optional[List[Lambda]], kl_weight: float = 1.0):
+    def __init__(self, ctx: StepContext, lambdas: Optional[List[Lambda]], kl_weight: float = 1.0,
+                 family: str = "diagonal"):  # fmt: skip
         super().__init__()
-        self.ctx = ctx
+        self.ctx, self.family = ctx, family
         self.lambdas = lambdas
         self.latents: List[LatentRecord] = []
         self.observations: List[ObservedRecord] = []
@@ -174,8 +178,8 @@ class StepRun(Messenger):
             self.observations.append(ObservedRecord(name, fn, msg["value"]))
             return
         check_continuous_latent(name, fn)
-        lam = slot_lambda(self.lambdas, len(self.latents), name, fn, leaf=True)
-        q = posterior(lam[0], lam[1], fn)
+        lam = slot_lambda(self.lambdas, len(self.latents), name, fn, leaf=True, family=self.family)
+        q = site_posterior(lam, fn)
         z = q.rsample()
         msg["value"], msg["done"] = z, True
         self.latents.append(LatentRecord(name, fn, lam, z, msg["mask"]))
@@ -260,10 +264,12 @@ class StepInference:
     :param int num_iterations: K.
     :param update: the update rule (see :mod:`pyro_avf.updates`).
     :param int num_samples: Monte-Carlo samples per gradient estimate.
+    :param str family: the step posteriors' family, ``"diagonal"`` or ``"full"`` (see :mod:`pyro_avf.posterior`).
     """
 
-    def __init__(self, num_iterations: int, update, num_samples: int = 1):
+    def __init__(self, num_iterations: int, update, num_samples: int = 1, family: str = "diagonal"):
         self.num_iterations, self.update, self.num_samples = num_iterations, update, num_samples
+        self.family = check_family(family)
         self.slots: Dict[int, tuple] = {}  # slot index -> (first site name, unconstrained event shape)
 
     def check_slot(self, i: int, name: str, loc: torch.Tensor, prior) -> None:
@@ -295,7 +301,7 @@ class StepInference:
         return result
 
     def _run(self, result: StepResult, fn, args, kwargs, ctx, lambdas, kl_weight) -> StepRun:
-        run = StepRun(ctx, lambdas, kl_weight)
+        run = StepRun(ctx, lambdas, kl_weight, self.family)
         try:
             with run:
                 fn(*args, **kwargs)
@@ -332,16 +338,30 @@ class StepInference:
             train_phi = k > 0 and train
             scaled = train_phi and any(r.terms.scaled for r in runs)
             grads = _grads(loss, flat, retain_graph=scaled)
-            pairs = [(grads[2 * i], grads[2 * i + 1]) for i in range(len(leaves))]
+            pairs = _regroup(grads, leaves)
             if train_phi:
                 phi_grads = _grads(sum(r.terms.loss for r in runs) / len(runs), flat) if scaled else grads
                 result.surrogate = add_surrogate(result.surrogate, [p for lam in current for p in lam], phi_grads)
             with torch.set_grad_enabled(train):
                 current = self.update(state, k, leaves, pairs, runs[0])
-            leaves = [(loc.detach().requires_grad_(), ls.detach().requires_grad_()) for loc, ls in current]
+            leaves = fresh_leaves(current)
         if keep and leaves is not None:
             result.lambdas.append(detached(leaves))
         result.final = current if train else detached(current)
+
+
+def fresh_leaves(lambdas: List[Lambda]) -> List[Lambda]:
+    """Detached copies of every slot's λ that require grad (the next iteration's leaves)."""
+    return [tuple(p.detach().requires_grad_() for p in lam) for lam in lambdas]
+
+
+def _regroup(flat: List[torch.Tensor], like: List[Lambda]) -> List[Lambda]:
+    """Cut the flat list ``flat`` into tuples of the lengths of the slots' λ in ``like``."""
+    out, start = [], 0
+    for lam in like:
+        out.append(tuple(flat[start : start + len(lam)]))
+        start += len(lam)
+    return out
 
 
 def _grads(loss: torch.Tensor, params: List[torch.Tensor], retain_graph: bool = False) -> List[torch.Tensor]:
@@ -370,17 +390,18 @@ class FinalRun:
     ``lambdas`` (the update networks then learn from this step's own final free energy through a surrogate).
     """
 
-    def __init__(self, result: StepResult, lambdas: Optional[List[Lambda]], graph: Optional[List[Lambda]]):
-        self.result, self.lambdas, self.graph = result, lambdas, graph
+    def __init__(self, result: StepResult, lambdas: Optional[List[Lambda]], graph: Optional[List[Lambda]],
+                 family: str = "diagonal"):  # fmt: skip
+        self.result, self.lambdas, self.graph, self.family = result, lambdas, graph, family
         self.latent_names: List[str] = []
         self.site_names: List[str] = []
         self.num_observed = 0
 
     def next_posterior(self, name: str, prior):
         """The posterior of the next latent site of the step and its λ (the prior's, when K = 0)."""
-        lam = slot_lambda(self.lambdas, len(self.latent_names), name, prior)
+        lam = slot_lambda(self.lambdas, len(self.latent_names), name, prior, family=self.family)
         self.latent_names.append(name)
-        return posterior(lam[0], lam[1], prior), lam
+        return site_posterior(lam, prior), lam
 
     def finish(self, trace, value, record, local_return: Optional[bool]) -> Tuple[object, Optional[bool]]:
         r"""Check the run, score it and add the update networks' final surrogate to ``record`` (a

@@ -63,7 +63,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from pyro_avf.free_energy import SequenceScores
 from pyro_avf.guide import IterativeGuide
 from pyro_avf.inference import Lambda, detached
-from pyro_avf.posterior import posterior
+from pyro_avf.posterior import site_posterior
 from pyro_avf.transition import StepModel, missing_members, plate_name
 
 
@@ -96,8 +96,7 @@ class _DrawLatents(Messenger):
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or site_is_subsample(msg) or self.count >= len(self.lambdas):
             return
-        loc, log_scale = self.lambdas[self.count]
-        msg["fn"] = posterior(loc, log_scale, msg["fn"])
+        msg["fn"] = site_posterior(self.lambdas[self.count], msg["fn"])
         self.count += 1
 
 
@@ -300,7 +299,7 @@ class OnlineFilter:
         terms = record.online.last()
         return FilterStep(
             t=self.t,
-            posterior={rec.name: posterior(rec.lam[0], rec.lam[1], rec.prior) for rec in run.latents},
+            posterior={rec.name: site_posterior(rec.lam, rec.prior) for rec in run.latents},
             free_energy=terms["free_energy"],
             kl=terms["kl"],
             reconstruction=terms["reconstruction"],

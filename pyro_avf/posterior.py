@@ -10,6 +10,17 @@ For a latent site with support :math:`\\mathcal{S}` and bijection :math:`T: \\ma
 
 initialised at the prior: :math:`\\mu, \\sigma` are the prior's mean and standard deviation in the
 unconstrained space (exact for Normal, LogNormal, Gamma and Beta priors, Monte-Carlo moments otherwise).
+
+With ``family="full"`` a site whose prior is a vector Normal (``Normal(...).to_event(1)``, D > 1) gets a
+full-covariance posterior instead,
+
+.. math::
+
+    q_\\lambda(z) = \\mathcal{N}(z;\\, \\mu, L L^\\top), \\qquad L = \\operatorname{diag}(\\sigma) + \\text{lower},
+    \\qquad \\lambda = (\\mu, \\log\\sigma, \\text{lower}),
+
+with ``lower`` the D(D−1)/2 strictly-lower entries of L (row by row, ``torch.tril_indices(D, D, -1)``),
+initialised at 0. Every other site keeps the diagonal family.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from torch.distributions import biject_to
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 
 NUM_MOMENT_SAMPLES = 256
+FAMILIES = ("diagonal", "full")
 
 
 def _layers(d: dist.Distribution):
@@ -117,8 +129,11 @@ def unconstrained_moments(prior: dist.Distribution) -> Tuple[torch.Tensor, torch
         return u.mean(0), u.std(0).clamp_min(1e-3)
 
 
-def posterior(loc: torch.Tensor, log_scale: torch.Tensor, prior: dist.Distribution) -> dist.Distribution:
-    r"""The guide's distribution for a site: :math:`T_\# \mathcal{N}(\mu, \sigma)` on the prior's support.
+def posterior(loc: torch.Tensor, log_scale: torch.Tensor, prior: dist.Distribution,
+              lower: Optional[torch.Tensor] = None) -> dist.Distribution:  # fmt: skip
+    r"""The guide's distribution for a site: :math:`T_\# \mathcal{N}(\mu, \sigma)` on the prior's support, or
+    :math:`\mathcal{N}(\mu, L L^\top)` with :math:`L` = :func:`scale_tril` ``(log_scale, lower)`` when ``lower``
+    is given (a full-covariance site, see :func:`has_full_covariance`).
 
     A masked prior (``.mask``, ``MaskedDistribution``, at any depth) gives a posterior with the same mask, so
     :math:`\log q(z)` of a masked element is 0 exactly as :math:`\log p(z)` is.
@@ -128,7 +143,14 @@ def posterior(loc: torch.Tensor, log_scale: torch.Tensor, prior: dist.Distributi
         >>> q = posterior(torch.zeros(3), torch.zeros(3), dist.LogNormal(torch.zeros(3), 1.0))
         >>> bool((q.sample() > 0).all())
         True
+        >>> prior = dist.Normal(torch.zeros(3), 1.0).to_event(1)
+        >>> posterior(torch.zeros(3), torch.zeros(3), prior, lower=torch.ones(3)).covariance_matrix[2]
+        tensor([1., 2., 3.])
     """
+    if lower is not None:
+        q = dist.MultivariateNormal(loc, scale_tril=scale_tril(log_scale, lower))
+        mask = event_mask(prior)
+        return q if mask is None else q.mask(mask)
     transform = biject_to(prior.support)
     event_dim = unconstrained_event_dim(prior)
     mask = coordinate_mask(prior)
@@ -153,6 +175,125 @@ def posterior(loc: torch.Tensor, log_scale: torch.Tensor, prior: dist.Distributi
     return dist.TransformedDistribution(base, transform).mask(events.all(-1))
 
 
+def has_full_covariance(prior: dist.Distribution, family: str = "full") -> bool:
+    """Whether a latent site gets the full-covariance posterior: ``family == "full"`` and its prior is a Normal
+    over vectors (event dim 1 of size D > 1, e.g. ``Normal(loc, scale).to_event(1)``, masked or expanded).
+    Every other site (scalar or matrix events, LogNormal, Gamma, ...) keeps the diagonal family.
+
+    Example::
+
+        >>> has_full_covariance(dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        True
+        >>> has_full_covariance(dist.LogNormal(torch.zeros(3), 1.0).to_event(1))
+        False
+    """
+    if family == "diagonal":
+        return False
+    if family != "full":
+        raise ValueError(f"pyro_avf: posterior must be one of {FAMILIES}, got {family!r}")
+    base, _ = unwrap(prior)
+    return type(base) in (dist.Normal, torch.distributions.Normal) and prior.event_dim == 1 and prior.event_shape[0] > 1
+
+
+def check_family(family: str) -> str:
+    """Refuse an unknown posterior family."""
+    if family not in FAMILIES:
+        raise ValueError(f"pyro_avf: posterior must be one of {FAMILIES}, got {family!r}")
+    return family
+
+
+def lower_size(dim: int) -> int:
+    """Number of strictly-lower entries of a (dim × dim) matrix: dim (dim − 1) / 2."""
+    return dim * (dim - 1) // 2
+
+
+def prior_lambda(prior: dist.Distribution, family: str = "diagonal") -> Tuple[torch.Tensor, ...]:
+    """λ of the posterior equal to the prior (detached): ``(loc, log_scale)`` from :func:`unconstrained_moments`,
+    plus ``lower = 0`` (off-diagonals zero) for a full-covariance site.
+
+    Example::
+
+        >>> [p.shape for p in prior_lambda(dist.Normal(torch.zeros(3), 1.0).to_event(1), "full")]
+        [torch.Size([3]), torch.Size([3]), torch.Size([3])]
+    """
+    loc, scale = unconstrained_moments(prior)
+    if not has_full_covariance(prior, family):
+        return loc, scale.log()
+    return loc, scale.log(), loc.new_zeros(loc.shape[:-1] + (lower_size(loc.size(-1)),))
+
+
+def site_posterior(lam: Tuple[torch.Tensor, ...], prior: dist.Distribution) -> dist.Distribution:
+    """:func:`posterior` of a slot's λ: ``(loc, log_scale)`` (diagonal) or ``(loc, log_scale, lower)`` (full)."""
+    return posterior(lam[0], lam[1], prior, lam[2] if len(lam) > 2 else None)
+
+
+def scale_tril(log_scale: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    r"""The Cholesky factor :math:`L = \operatorname{diag}(e^{\log\sigma}) + \sum_{k} \ell_k e_{r_k} e_{c_k}^\top`,
+    :math:`(r_k, c_k)` = ``torch.tril_indices(D, D, -1)``: shape ``batch + (D, D)`` from ``log_scale``
+    ``(..., D)`` and ``lower`` ``(..., D(D−1)/2)`` (batch dims broadcast).
+
+    Example::
+
+        >>> scale_tril(torch.zeros(2), torch.tensor([3.0]))
+        tensor([[1., 0.],
+                [3., 1.]])
+    """
+    d = log_scale.size(-1)
+    if lower.size(-1) != lower_size(d):
+        raise ValueError(f"pyro_avf: lower has {lower.size(-1)} entries, a {d}-dim scale_tril needs {lower_size(d)}")
+    rows, cols = torch.tril_indices(d, d, -1, device=log_scale.device)
+    batch = torch.broadcast_shapes(log_scale.shape[:-1], lower.shape[:-1])
+    entries = lower.expand(batch + lower.shape[-1:])
+    strict = entries.new_zeros(batch + (d * d,)).index_copy(-1, rows * d + cols, entries)
+    return strict.reshape(batch + (d, d)) + torch.diag_embed(log_scale.exp())
+
+
+def kl_full_to_diagonal(loc: torch.Tensor, log_scale: torch.Tensor, lower: torch.Tensor, p_loc: torch.Tensor,
+                        p_scale: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    r"""Per coordinate i, the terms of
+
+    .. math::
+
+        D_{KL}\big(\mathcal{N}(m, L L^\top) \,\|\, \mathcal{N}(\mu, \operatorname{diag}\sigma^2)\big)
+        = \tfrac12 \Big[\sum_i \frac{(L L^\top)_{ii}}{\sigma_i^2} + \sum_i \frac{(\mu_i - m_i)^2}{\sigma_i^2} - D
+          + \sum_i \log\sigma_i^2 - 2 \sum_i \log L_{ii}\Big],
+
+    with :math:`(L L^\top)_{ii} = L_{ii}^2 + \sum_{j<i} L_{ij}^2` and :math:`L` = :func:`scale_tril`
+    ``(log_scale, lower)``: summing the result over its last dim gives the KL (a coordinate mask can zero
+    terms before the sum). Shapes: ``loc``, ``log_scale``, ``p_loc``, ``p_scale`` ``(..., D)``, ``lower``
+    ``(..., D(D−1)/2)``.
+
+    Example::
+
+        >>> kl = kl_full_to_diagonal(torch.zeros(2), torch.zeros(2), torch.ones(1), torch.zeros(2), torch.ones(2))
+        >>> kl.sum()  # ½ (1 + 2 − 2): the second row of L has norm² 2
+        tensor(0.5000)
+    """
+    d = log_scale.size(-1)
+    rows, _ = torch.tril_indices(d, d, -1, device=log_scale.device)
+    batch = torch.broadcast_shapes(log_scale.shape[:-1], lower.shape[:-1])
+    row_norms = lower.new_zeros(batch + (d,)).index_add(-1, rows, lower.pow(2).expand(batch + lower.shape[-1:]))
+    p_var = p_scale.pow(2)
+    var = (2 * log_scale).exp() + row_norms
+    return 0.5 * ((var + (p_loc - loc).pow(2)) / p_var - 1 + p_var.log() - 2 * log_scale)
+
+
+def event_mask(prior: dist.Distribution) -> Optional[torch.Tensor]:
+    """:func:`batch_mask` of a prior whose masks cover whole events (None when nothing is masked); a mask that
+    differs inside one event is refused: a full-covariance posterior has no per-coordinate log-density."""
+    mask = coordinate_mask(prior)
+    if mask is None:
+        return None
+    full = mask.expand(torch.broadcast_shapes(mask.shape, prior.batch_shape + prior.event_shape))
+    events = full.flatten(-prior.event_dim) if prior.event_dim else full.unsqueeze(-1)
+    if not torch.equal(events.all(-1), events.any(-1)):
+        raise NotImplementedError(
+            f"pyro_avf: a mask inside the event of a {type(unwrap(prior)[0]).__name__} prior is not supported by "
+            "the full-covariance posterior; mask whole events (the batch dims) or use posterior='diagonal'."
+        )
+    return events.all(-1)
+
+
 def _elementwise(transform: Transform) -> Optional[Transform]:
     """The element-wise transform inside ``IndependentTransform`` wrappers, or None if it acts on events."""
     while isinstance(transform, IndependentTransform):
@@ -168,14 +309,18 @@ def kl_or_log_ratio(q: dist.Distribution, prior: dist.Distribution, value: torch
     :math:`D_{KL} = \\sum_i \\log\\frac{\\sigma_{p,i}}{\\sigma_{q,i}}
     + \\frac{\\sigma_{q,i}^2 + (\\mu_{q,i} - \\mu_{p,i})^2}{2\\sigma_{p,i}^2} - \\frac12`,
     summed over the site's event dims (masked coordinates of a masked prior give 0). ``q_params`` is
-    ``(loc, log_scale)`` of ``q``.
+    ``(loc, log_scale)`` of ``q``, or ``(loc, log_scale, lower)`` of a full-covariance ``q``
+    (:func:`kl_full_to_diagonal`).
     """
     p_params = normal_parameters(prior)
     if p_params is not None and q_params is not None:
-        q_loc, q_log_scale = q_params
+        q_loc, q_log_scale = q_params[:2]
         p_loc, p_scale = p_params
-        var_ratio = (2 * q_log_scale).exp() / p_scale.pow(2)
-        kl = 0.5 * (var_ratio + (q_loc - p_loc).pow(2) / p_scale.pow(2) - 1 - var_ratio.log())
+        if len(q_params) > 2:  # full covariance: see kl_full_to_diagonal
+            kl = kl_full_to_diagonal(q_loc, q_log_scale, q_params[2], p_loc, p_scale)
+        else:
+            var_ratio = (2 * q_log_scale).exp() / p_scale.pow(2)
+            kl = 0.5 * (var_ratio + (q_loc - p_loc).pow(2) / p_scale.pow(2) - 1 - var_ratio.log())
         mask = coordinate_mask(prior)
         if mask is not None:
             kl = torch.where(mask, kl, kl.new_zeros(()))

@@ -57,7 +57,7 @@ from pyro_avf.free_energy import apply_mask, reduce_to
 from pyro_avf.guide import IterativeGuide
 from pyro_avf.inference import StepRun
 from pyro_avf.online import OnlineFilter, as_stream, leading_size
-from pyro_avf.posterior import posterior
+from pyro_avf.posterior import site_posterior
 
 __all__ = [
     "ParticleFilter",
@@ -128,7 +128,7 @@ def log_importance_weights(run: StepRun) -> Tensor:
     shape = run.terms.batch_shape
     log_w = -run.terms.reconstruction
     for rec in run.latents:
-        q = posterior(rec.lam[0], rec.lam[1], rec.prior)
+        q = site_posterior(rec.lam, rec.prior)
         ratio = apply_mask(rec.prior.log_prob(rec.value) - q.log_prob(rec.value), rec.mask)
         log_w = log_w + reduce_to(ratio, shape)
     return log_w

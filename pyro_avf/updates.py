@@ -1,7 +1,8 @@
 r"""Inference updates :math:`\lambda_{k+1} = f(\lambda_k, \nabla_\lambda \mathcal{F}_t)`, behind one protocol.
 
 The approximate posterior of a step has parameters :math:`\lambda = (\mu_i, \log\sigma_i)_i`, one pair per latent
-slot ``i``, each shaped ``batch + (D_i,)``. An *update rule* has two methods:
+slot ``i``, each shaped ``batch + (D_i,)`` (a full-covariance slot adds a third part, its Cholesky factor's
+strictly-lower entries, ``batch + (D_i(D_i-1)/2,)``; every rule below updates it too). An *update rule* has two methods:
 
 - ``start(lambdas) -> state``: fresh per-step state (optimiser moments; ``None`` for learned rules);
 - ``rule(state, k, lambdas, grads, run) -> lambdas``: iteration ``k``'s new estimate, given the gradients of
@@ -37,6 +38,12 @@ variational filtering EM of AVF Algorithm 1.
     W and Δ start at 0: an untrained network is bounded natural-gradient descent with step ``init_lr`` and
     radii (1 σ, 0.5); no gate holds λ near its start.
 
+  A full-covariance slot (``IterativeGuide(posterior="full")``) adds the strictly-lower entries :math:`\ell` of
+  its Cholesky factor to λ (and their gradients to the inputs); every form updates them like μ, and
+  ``"learned_sgd"`` steps them in units of their row's scale: around :math:`L = \operatorname{diag}\sigma` the
+  Fisher information of :math:`L_{ij}` is :math:`1/\sigma_i^2`, so :math:`u_{\ell_{ij}} = \sigma_i
+  \nabla_{\ell_{ij}} F` and :math:`\ell_{ij} \leftarrow \ell_{ij} - \sigma_i r \tanh(\eta u / r) + \Delta`.
+
   All inputs are detached: no second-order gradients.
 * :class:`SGDUpdate`, :class:`AdamUpdate` — a few optimiser steps per time step, from the prior.
 """
@@ -52,7 +59,7 @@ from torch.nn import functional as F
 
 from pyro_avf.encoders import Encoding
 
-Lambda = Tuple[torch.Tensor, torch.Tensor]
+Lambda = Tuple[torch.Tensor, ...]  # (loc, log_scale) or (loc, log_scale, lower)
 FORMS = ("highway", "residual", "learned_sgd")
 NETWORKS = ("joint", "per_slot")
 LOG_SCALE_RANGE = (-9.0, 5.0)  # posterior scales kept in [1.2e-4, 148] so a wild update cannot underflow
@@ -77,6 +84,16 @@ class _Normalise(nn.Module):
             return torch.cat([x.sign() * x.abs().log1p(), x.abs().add(1e-8).log() / 10], -1)
         log_rms = x.pow(2).mean(-1, keepdim=True).add(1e-12).log() / 20
         return torch.cat([self.norm(x), log_rms], -1)
+
+
+def _lower_rows(slot_dims: Sequence[int], lower_dims: Sequence[int]) -> torch.Tensor:
+    """For each lower entry of the joined slots, the index of its row's log-scale in the joined log-scales."""
+    rows, offset = [], 0
+    for d, n in zip(slot_dims, lower_dims):
+        if n:
+            rows.append(torch.tril_indices(d, d, -1)[0] + offset)
+        offset += d
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
 
 class HighwayMLP(nn.Module):
@@ -104,6 +121,8 @@ class UpdateNetwork(nn.Module):
     :param int obs_dim: size of the flattened observation to encode as well (0: none).
     :param int hidden: units per hidden layer (the AVF paper used 1024).
     :param slot_dims: the slots' sizes (summing to ``dim``): each slot's terms are normalised on their own.
+    :param lower_dims: each slot's number of strictly-lower Cholesky entries (D(D−1)/2 for a full-covariance
+        slot, 0 for a diagonal one; None: all diagonal). With any, λ and the gradients get a third part.
 
     Example::
 
@@ -123,6 +142,7 @@ class UpdateNetwork(nn.Module):
         hidden: int = 256,
         init_lr: float = 0.1,
         slot_dims: Optional[Sequence[int]] = None,
+        lower_dims: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         if form not in FORMS:
@@ -132,43 +152,58 @@ class UpdateNetwork(nn.Module):
         self.slot_dims = list(slot_dims) if slot_dims is not None else [dim]
         if sum(self.slot_dims) != dim:
             raise ValueError(f"slot_dims {self.slot_dims} do not add up to dim {dim}")
+        self.lower_dims = list(lower_dims) if lower_dims is not None else [0] * len(self.slot_dims)
+        expected = [d * (d - 1) // 2 for d in self.slot_dims]
+        pairs = zip(self.lower_dims, expected)
+        if len(self.lower_dims) != len(self.slot_dims) or any(n not in (0, e) for n, e in pairs):
+            raise ValueError(
+                f"lower_dims {self.lower_dims} must give 0 or D(D-1)/2 per slot of slot_dims {self.slot_dims}"
+            )
         self.form, self.encoding = form, encoding
         self.dim, self.error_dim, self.obs_dim = dim, error_dim, obs_dim
+        self.lower_dim = lower = sum(self.lower_dims)
         per_slot = 4 if encoding == "gradient" else 3  # loc, log-scale, then 2 gradients or 1 latent error
         term_dims = [d for _ in range(per_slot) for d in self.slot_dims]
+        term_dims += [d for _ in range(2 if encoding == "gradient" else 1) for d in self.lower_dims] if lower else []
         term_dims += [error_dim] if encoding == "error" else []
         term_dims += [obs_dim] if obs_dim else []
         self.norms = nn.ModuleList(_Normalise(d) for d in term_dims if d > 0)
         self.body = HighwayMLP(sum(n.out_dim for n in self.norms), hidden)
-        self.delta = nn.Linear(hidden, 2 * dim)
+        out = 2 * dim + lower
+        self.delta = nn.Linear(hidden, out)
         if form == "highway":
-            self.out_gate = nn.Linear(hidden, 2 * dim)
+            self.out_gate = nn.Linear(hidden, out)
             nn.init.constant_(self.out_gate.bias, 2.0)  # start close to "keep the prior"
         elif form == "residual":
-            self.out_gate = nn.Linear(hidden, 2 * dim)
+            self.out_gate = nn.Linear(hidden, out)
             nn.init.zeros_(self.delta.weight)  # starts as the identity: the posterior stays at the prior
             nn.init.zeros_(self.delta.bias)
         else:
             nn.init.zeros_(self.delta.weight)
             nn.init.zeros_(self.delta.bias)
-            self.raw_lr = nn.Parameter(_softplus_inverse(torch.full((2 * dim,), float(init_lr))))
-            self.step_size = nn.Linear(hidden, 2 * dim, bias=False)  # per element and state, starts at 0
-            radius = torch.cat([torch.full((dim,), INIT_RADIUS[0]), torch.full((dim,), INIT_RADIUS[1])])
+            self.raw_lr = nn.Parameter(_softplus_inverse(torch.full((out,), float(init_lr))))
+            self.step_size = nn.Linear(hidden, out, bias=False)  # per element and state, starts at 0
+            radius = torch.cat([torch.full((dim,), INIT_RADIUS[0]), torch.full((dim,), INIT_RADIUS[1]),
+                                torch.full((lower,), INIT_RADIUS[0])])  # fmt: skip
             self.raw_radius = nn.Parameter(_softplus_inverse(radius))
-            self.radius = nn.Linear(hidden, 2 * dim, bias=False)
+            self.radius = nn.Linear(hidden, out, bias=False)
             nn.init.zeros_(self.step_size.weight)
             nn.init.zeros_(self.radius.weight)
 
         # the constructor's sizes, saved beside the weights so that a fresh guide can rebuild the network
         spec = [dim, error_dim, obs_dim, hidden, FORMS.index(form), ("gradient", "error").index(encoding)]
-        self.register_buffer("spec", torch.tensor(spec + self.slot_dims))
+        spec += self.slot_dims + ([-1] + [int(n > 0) for n in self.lower_dims] if lower else [])
+        self.register_buffer("spec", torch.tensor(spec))
+        self.register_buffer("lower_rows", _lower_rows(self.slot_dims, self.lower_dims), persistent=False)
 
     @staticmethod
     def from_spec(spec: torch.Tensor) -> "UpdateNetwork":
         """The (untrained) network that the ``spec`` buffer of a saved one describes."""
-        dim, error_dim, obs_dim, hidden, form, encoding, *slot_dims = (int(v) for v in spec)
+        dim, error_dim, obs_dim, hidden, form, encoding, *rest = (int(v) for v in spec)
+        slot_dims, full = (rest[: rest.index(-1)], rest[rest.index(-1) + 1 :]) if -1 in rest else (rest, [])
+        lower_dims = [d * (d - 1) // 2 * f for d, f in zip(slot_dims, full)] if full else None
         return UpdateNetwork(dim, FORMS[form], ("gradient", "error")[encoding], error_dim, obs_dim, hidden,
-                             slot_dims=slot_dims)  # fmt: skip
+                             slot_dims=slot_dims, lower_dims=lower_dims)  # fmt: skip
 
     def forward(
         self,
@@ -177,12 +212,20 @@ class UpdateNetwork(nn.Module):
         errors: Optional[Lambda] = None,
         obs: Optional[torch.Tensor] = None,
     ) -> Lambda:
-        lam_cat = torch.cat([lam[0], lam[1]], -1).detach()
+        if (len(lam) > 2) != bool(self.lower_dim):
+            raise ValueError(
+                f"pyro_avf: this update network was built for {'full-covariance' if self.lower_dim else 'diagonal'} "
+                f"posteriors but got λ with {len(lam)} parts"
+            )
+        lam_cat = torch.cat(list(lam), -1).detach()
         signal = grads if self.encoding == "gradient" else errors
         if signal is None:
             raise ValueError(f"{self.encoding} encoding needs its {self.encoding} inputs")
         slotted = [lam[0], lam[1], signal[0]] + ([signal[1]] if self.encoding == "gradient" else [])
         terms = [part for term in slotted for part in term.split(self.slot_dims, -1)]
+        if self.lower_dim:
+            lowers = [lam[2]] + ([grads[2]] if self.encoding == "gradient" else [])
+            terms += [part for term in lowers for part in term.split(self.lower_dims, -1)]
         terms += ([signal[1]] if self.encoding == "error" else []) + ([obs] if obs is not None else [])
         terms = [t.detach() for t in terms if t is not None and t.size(-1) > 0]
         shape = torch.broadcast_shapes(*(t.shape[:-1] for t in terms))
@@ -198,13 +241,17 @@ class UpdateNetwork(nn.Module):
             if grads is None:
                 raise ValueError("the 'learned_sgd' form steps along the gradient: pass grads")
             scale = lam[1].detach().exp()
-            natural = torch.cat([scale * grads[0], grads[1] / 2], -1).detach()
+            units, natural = [scale, torch.ones_like(scale)], [scale * grads[0], grads[1] / 2]
+            if self.lower_dim:  # the lower entries of row i move in units of σ_i, like μ_i
+                units.append(scale.index_select(-1, self.lower_rows))
+                natural.append(units[2] * grads[2])
+            natural = torch.cat(natural, -1).detach()
             eta = F.softplus(self.raw_lr + self.step_size(h))
             radius = F.softplus(self.raw_radius + self.radius(h))
             step = radius * torch.tanh(eta * natural / radius)
-            new = lam_cat - torch.cat([scale, torch.ones_like(scale)], -1) * step + delta
-        loc, log_scale = new.chunk(2, -1)
-        return loc, log_scale.clamp(*LOG_SCALE_RANGE)
+            new = lam_cat - torch.cat(units, -1) * step + delta
+        loc, log_scale, *lower = new.split([self.dim, self.dim] + [self.lower_dim] * bool(self.lower_dim), -1)
+        return (loc, log_scale.clamp(*LOG_SCALE_RANGE), *lower)
 
 
 class UpdateNetworks(nn.ModuleDict):
@@ -275,8 +322,8 @@ class LearnedUpdate:
         for group in groups:
             inputs = self.encoding.inputs(run, group, lambdas, grads)
             net = self._network("slot" + "_".join(map(str, group)), inputs)
-            loc, log_scale = net(inputs.lam, grads=inputs.grads, errors=inputs.errors, obs=inputs.obs)
-            for i, new in zip(group, inputs.unflatten(loc, log_scale)):
+            new_lam = net(inputs.lam, grads=inputs.grads, errors=inputs.errors, obs=inputs.obs)
+            for i, new in zip(group, inputs.unflatten(*new_lam)):
                 out[i] = new
         return out  # type: ignore[return-value]
 
@@ -287,15 +334,17 @@ class LearnedUpdate:
             # guide restored from the param store draws the same samples as the guide it was saved from
             with torch.random.fork_rng(devices=[like.device] if like.device.type == "cuda" else []):
                 net = UpdateNetwork(inputs.dim, self.form, self.encoding.signal, inputs.error_dim, inputs.obs_dim,
-                                    self.hidden_size, self.lr, inputs.slot_dims)  # fmt: skip
+                                    self.hidden_size, self.lr, inputs.slot_dims, inputs.lower_dims)  # fmt: skip
             self.nets[key] = net.to(like)
             self.nets.register()
         net = self.nets[key]
-        sizes = (inputs.dim, inputs.error_dim, inputs.obs_dim)
-        if (net.dim, net.error_dim, net.obs_dim) != sizes:
+        sizes = (inputs.dim, inputs.error_dim, inputs.obs_dim, sum(inputs.lower_dims))
+        if (net.dim, net.error_dim, net.obs_dim, net.lower_dim) != sizes:
             raise ValueError(
                 f"pyro_avf: latent slots {key} need an update network for sizes (latent {sizes[0]}, errors "
-                f"{sizes[1]}, observation {sizes[2]}) but have one for ({net.dim}, {net.error_dim}, {net.obs_dim})."
+                f"{sizes[1]}, observation {sizes[2]}, lower Cholesky entries {sizes[3]}) but have one for "
+                f"({net.dim}, {net.error_dim}, {net.obs_dim}, {net.lower_dim}); a network trained for "
+                "posterior='diagonal' cannot serve posterior='full' or the other way round."
             )
         return net
 
@@ -325,8 +374,8 @@ class SGDUpdate:
 
     def step(self, state: Dict, k: int, lam: Lambda, grads: Lambda) -> Lambda:
         lr = self.lr / (1 + k) ** self.decay
-        loc, log_scale = (p.detach() - lr * g for p, g in zip(lam, grads))
-        return loc, log_scale.clamp(*LOG_SCALE_RANGE)
+        loc, log_scale, *lower = (p.detach() - lr * g for p, g in zip(lam, grads))
+        return (loc, log_scale.clamp(*LOG_SCALE_RANGE), *lower)
 
 
 class AdamUpdate(SGDUpdate):
@@ -348,7 +397,7 @@ class AdamUpdate(SGDUpdate):
             state[("m", i)], state[("v", i)] = m, v
             m_hat, v_hat = m / (1 - b1 ** (k + 1)), v / (1 - b2 ** (k + 1))
             out.append(p.detach() - lr * m_hat / (v_hat.sqrt() + self.eps))
-        return out[0], out[1].clamp(*LOG_SCALE_RANGE)
+        return (out[0], out[1].clamp(*LOG_SCALE_RANGE), *out[2:])
 
 
 UPDATES = FORMS + ("sgd", "adam")

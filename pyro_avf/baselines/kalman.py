@@ -152,22 +152,30 @@ def expected_step_free_energy(
     z_prev: Tensor,
     x_t: Tensor,
     q_loc: Tensor,
-    q_scale: Tensor,
+    q_scale: Optional[Tensor] = None,
+    *,
+    q_scale_tril: Optional[Tensor] = None,
 ) -> Tensor:
-    """Closed-form step free energy of a diagonal Normal q(z_t) = N(μ, diag σ²) (``q_loc``, ``q_scale``)::
+    """Closed-form step free energy of a diagonal Normal q(z_t) = N(μ, diag σ²) (``q_loc``, ``q_scale``), or of
+    a full-covariance q(z_t) = N(μ, Σ_q = L Lᵀ) (``q_loc``, ``q_scale_tril`` L)::
 
         F_t(q) = E_q[-log N(x_t; C z_t, R)] + KL(q || N(A z_{t-1}, Q))
-        E_q[-log N(x_t; C z, R)] = -log N(x_t; C μ, R) + ½ Σ_j σ_j² (Cᵀ R⁻¹ C)_jj
-        KL = ½ (tr(Q⁻¹ Σ_q) + (A z_{t-1} - μ)ᵀ Q⁻¹ (A z_{t-1} - μ) - d + log det Q - Σ_j log σ_j²)
+        E_q[-log N(x_t; C z, R)] = -log N(x_t; C μ, R) + ½ tr(Cᵀ R⁻¹ C Σ_q)
+        KL = ½ (tr(Q⁻¹ Σ_q) + (A z_{t-1} - μ)ᵀ Q⁻¹ (A z_{t-1} - μ) - d + log det Q - log det Σ_q)
 
     Equivalently F_t(q) = F*_t + KL(q || exact step posterior) (see :func:`step_optimum`).
-    Shapes: z_prev, q_loc, q_scale (..., d); x_t (..., n); result (...).
+    Shapes: z_prev, q_loc, q_scale (..., d); q_scale_tril (..., d, d); x_t (..., n); result (...).
     """
     _check_params(A, C, Q, R)
+    if (q_scale is None) == (q_scale_tril is None):
+        raise ValueError("give exactly one of q_scale (diagonal q) and q_scale_tril (full-covariance q)")
     CtRinvC = C.T @ torch.linalg.solve(R, C)
     expected_nll = -MultivariateNormal(q_loc @ C.T, covariance_matrix=R).log_prob(x_t)
-    expected_nll = expected_nll + 0.5 * (q_scale**2 * torch.diagonal(CtRinvC)).sum(-1)
-    q = MultivariateNormal(q_loc, scale_tril=torch.diag_embed(q_scale))
+    if q_scale_tril is None:
+        q_scale_tril = torch.diag_embed(q_scale)
+    trace = (q_scale_tril * (CtRinvC @ q_scale_tril)).sum((-2, -1))  # tr(Lᵀ M L) = tr(M Σ_q)
+    expected_nll = expected_nll + 0.5 * trace
+    q = MultivariateNormal(q_loc, scale_tril=q_scale_tril)
     prior = MultivariateNormal(z_prev @ A.T, covariance_matrix=Q)
     return expected_nll + kl_divergence(q, prior)
 

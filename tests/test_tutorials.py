@@ -32,6 +32,7 @@ EXPECTED = {
     "01_intro_lgssm.ipynb": {"text": ["checks passed", "iteration 0: F =", "diagonal optimum"], "figures": 5},
     "04_static_vae.ipynb": {"text": ["checks passed", "amortization gap", "data folder:"], "figures": 5},
     "05_flows_video.ipynb": {"text": ["checks passed", "1-AF", "2-AF"], "figures": 4},
+    "06_structured_and_smc.ipynb": {"text": ["checks passed", "diagonal floor", "bootstrap proposal"], "figures": 2},
 }
 
 

@@ -32,6 +32,15 @@ from pyro_avf.models.lgssm import LinearGaussianSSM
 from pyro_avf.training import fit
 
 
+def benchmark_data(seed: int, T: int, test_sequences: int):
+    """The benchmark's LG-SSM (latent 4, observation 8, random stable dynamics from ``seed``), 3,200 training
+    sequences and ``test_sequences`` held-out ones of T steps: ``(ssm, xs_train, xs_test)``."""
+    ssm = LinearGaussianSSM.random(latent_dim=4, obs_dim=8, seed=seed)
+    xs_train, _ = ssm.sample(64 * 50, T, seed=seed + 1)
+    xs_test, _ = ssm.sample(test_sequences, T, seed=seed + 2)
+    return ssm, xs_train, xs_test
+
+
 def analytic_gap(ssm: LinearGaussianSSM, guide: IterativeGuide, xs: torch.Tensor) -> dict:
     """Run the guide once; compare its analytic step free energies with the diagonal optimum per step."""
     elbo = AmortizedFilteringELBO()
@@ -108,9 +117,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)
 
-    ssm = LinearGaussianSSM.random(latent_dim=4, obs_dim=8, seed=args.seed)
-    xs_train, _ = ssm.sample(64 * 50, args.T, seed=args.seed + 1)
-    xs_test, _ = ssm.sample(args.test_sequences, args.T, seed=args.seed + 2)
+    ssm, xs_train, xs_test = benchmark_data(args.seed, args.T, args.test_sequences)
     kalman = kalman_filter(ssm.A.detach(), ssm.C.detach(), ssm.Q, ssm.R, xs_test)
     kalman_nll = kalman.nll.sum(1)
     results = {

@@ -38,11 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lgssm import train_avf  # noqa: E402
+from lgssm import benchmark_data, train_avf  # noqa: E402
 
 from pyro_avf import IterativeGuide  # noqa: E402
 from pyro_avf.baselines.kalman import kalman_filter, step_optimum  # noqa: E402
-from pyro_avf.models.lgssm import LinearGaussianSSM  # noqa: E402
 from pyro_avf.online import streamed_free_energy  # noqa: E402
 from pyro_avf.smc import ParticleWeights, SMCEstimate, smc_log_likelihood, systematic_resample  # noqa: E402
 
@@ -180,14 +179,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)
 
-    ssm = LinearGaussianSSM.random(latent_dim=4, obs_dim=8, seed=args.seed)
-    xs_train, _ = ssm.sample(64 * 50, args.T, seed=args.seed + 1)
-    xs_test, _ = ssm.sample(args.test_sequences, args.T, seed=args.seed + 2)
+    ssm, xs_train, xs_test = benchmark_data(args.seed, args.T, args.test_sequences)
     exact_nll = kalman_filter(ssm.A.detach(), ssm.C.detach(), ssm.Q, ssm.R, xs_test).nll.sum(1).double()
 
     start = time.perf_counter()
     if args.guide is not None:
-        saved = torch.load(args.guide)
+        saved = torch.load(args.guide, weights_only=True)
         guide = IterativeGuide(ssm.model, num_iterations=args.K, encode_observation=True, hidden_size=args.hidden_size)
         guide.load_state_dict(saved["state_dict"])
         train_seconds = saved["train_seconds"]

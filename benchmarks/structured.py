@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lgssm import train_avf  # noqa: E402
+from lgssm import benchmark_data, train_avf  # noqa: E402
 
 from pyro_avf import AmortizedFilteringELBO, IterativeGuide  # noqa: E402
 from pyro_avf.baselines.kalman import diagonal_gap, expected_step_free_energy, kalman_filter, step_optimum  # noqa: E402
@@ -110,9 +110,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    ssm = LinearGaussianSSM.random(latent_dim=4, obs_dim=8, seed=args.seed)
-    xs_train, _ = ssm.sample(64 * 50, args.T, seed=args.seed + 1)
-    xs_test, _ = ssm.sample(args.test_sequences, args.T, seed=args.seed + 2)
+    ssm, xs_train, xs_test = benchmark_data(args.seed, args.T, args.test_sequences)
     kalman_nll = kalman_filter(ssm.A.detach(), ssm.C.detach(), ssm.Q, ssm.R, xs_test).nll.sum(1)
     smc_xs = xs_test[: args.smc_sequences]
     smc_exact = kalman_nll[: args.smc_sequences].double()

@@ -63,6 +63,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="CSV of the rows")
     args = p.parse_args(argv)
+    missing = [name for name in ("config.json", "best.pt") if not (args.run / name).is_file()]
+    if missing:
+        p.error(f"{args.run} is not a finished run folder with validation: it has no {' or '.join(missing)} "
+                "(train with --valid-every)")
     model, guide, run_args = load_run(args.run, args.data_dir)
     songs = experiments.load_songs(run_args, "test")[: args.max_songs]
     rows = []

@@ -485,6 +485,9 @@ class Report:
         """The scores of ``row`` beyond the free energy per step, as words (empty when there are none)."""
         words = []
         has = lambda key: isinstance(row.get(key), float) and math.isfinite(row[key])  # noqa: E731
+        if has("test_free_energy_paper"):
+            words.append(f"{row['test_free_energy_paper']:.4f} in the AVF paper's normalisation (first step of each "
+                         "sequence left out, mean over sequences)")  # fmt: skip
         if has("test_nats_per_dim"):
             words.append(f"{row['test_free_energy_per_sequence']:.1f} nats/sequence, {row['test_nats_per_dim']:.4f} "
                          "nats/dim of the 8-bit frames")  # fmt: skip

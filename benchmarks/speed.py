@@ -138,6 +138,15 @@ def measure(methods: Dict[str, Method], batches: List[Tuple[Tensor, Tensor]], re
     return times
 
 
+def quartiles(values: List[float]) -> Tuple[float, float, float]:
+    """(median, q25, q75) of the rounds; inclusive quartiles stay within the observed values (the default method
+    extrapolates beyond them when there are few rounds); one value for all three when there is one."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return statistics.median(values), q[0], q[2]
+
+
 def summarise(times: Dict[str, List[float]]) -> dict:
     """Median seconds per step per method, and the median within-round ratio of each pair in :data:`RATIOS`."""
     medians = {name: statistics.median(t) for name, t in times.items()}
@@ -145,11 +154,8 @@ def summarise(times: Dict[str, List[float]]) -> dict:
     for label, (a, b) in RATIOS.items():
         if a in times and b in times:
             per_round = [x / y for x, y in zip(times[a], times[b])]
-            ratios[label] = {
-                "median": statistics.median(per_round),
-                "q25": statistics.quantiles(per_round, n=4)[0] if len(per_round) > 1 else per_round[0],
-                "q75": statistics.quantiles(per_round, n=4)[2] if len(per_round) > 1 else per_round[0],
-            }
+            median, q25, q75 = quartiles(per_round)
+            ratios[label] = {"median": median, "q25": q25, "q75": q75}
     return {"median_seconds": medians, "ratios": ratios, "reps": len(next(iter(times.values())))}
 
 

@@ -70,7 +70,10 @@ class IterativeGuide(GuideMessenger, nn.Module):
         :math:`\mathcal{N}(\mu, L L^\top)` for every vector-Normal site of a step (``Normal(...).to_event(1)``,
         D > 1), refined by the same update (it sees the Cholesky factor's strictly-lower entries and their
         gradients too), with the analytic KL to the diagonal prior kept. Other sites (scalar, LogNormal, ...)
-        keep the diagonal family. Latent sites outside any step stay mean-field.
+        keep the diagonal family. ``"joint"``: one Gaussian over all the vector-Normal sites of a step, as
+        :math:`q(z_1)\,q(z_2 \mid z_1) \cdots` in the order the step samples them (each site's mean is coupled
+        linearly to the earlier sites' noise, see :mod:`pyro_avf.posterior`), for several coupled latents per
+        step. Latent sites outside any step stay mean-field.
     :param float init_scale: initial scale of the mean-field posterior of latent sites outside any step.
     :param str name: prefix of the guide's names in Pyro's param store (``{name}_update_slot0$$$...``,
         ``{name}_global.{site}.loc``); give guides that live side by side different names.
@@ -293,7 +296,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         """The step's posterior :math:`q_{\\lambda_K}` of a latent site in a step, else the mean-field Normal
         (in the unconstrained space) of a latent site outside any step."""
         if self._active is not None:
-            q, self._lambda = self._active.next_posterior(name, prior)
+            q, self._lambda = self._active.next_posterior(name, prior, self.trace)
             return q
         prefix = f"{self.name}_global.{name}"
         loc = pyro.param(f"{prefix}.loc", lambda: unconstrained_moments(prior)[0])

@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_map
 from pyro_avf.encoders import flatten_to
 from pyro_avf.free_energy import StepContext, Terms, combine_masks, score_site
 from pyro_avf.posterior import (
+    JointDraws,
     check_continuous_latent,
     check_family,
     normal_parameters,
@@ -59,6 +60,8 @@ Lambda = Tuple[torch.Tensor, ...]  # (loc, log_scale), or (loc, log_scale, lower
 
 def detached(tree):
     """``tree`` with every tensor detached."""
+    if isinstance(tree, list) and all(type(lam) is tuple for lam in tree):  # λ of a step: the hot path
+        return [tuple(p.detach() for p in lam) for lam in tree]
     return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, tree)
 
 
@@ -113,12 +116,13 @@ def _has_plate_shape(fn, frames) -> bool:
 
 
 def slot_lambda(lambdas: Optional[List[Lambda]], i: int, name: str, prior, leaf: bool = False,
-                family: str = "diagonal") -> Lambda:  # fmt: skip
+                family: str = "diagonal", preceding: int = 0) -> Lambda:  # fmt: skip
     """λ of latent slot ``i``: ``lambdas[i]``, or the prior's λ in the unconstrained space
-    (:func:`~pyro_avf.posterior.prior_lambda` of the posterior ``family``) when ``lambdas`` is None
-    (iteration 0, or K = 0), as leaves that require grad if ``leaf``."""
+    (:func:`~pyro_avf.posterior.prior_lambda` of the posterior ``family``, after joint slots of total
+    dimension ``preceding``) when ``lambdas`` is None (iteration 0, or K = 0), as leaves that require grad if
+    ``leaf``."""
     if lambdas is None:
-        lam = prior_lambda(prior, family)
+        lam = prior_lambda(prior, family, preceding)
         return tuple(p.requires_grad_() for p in lam) if leaf else lam
     if i < len(lambdas):
         return lambdas[i]
@@ -134,6 +138,12 @@ class LatentRecord(NamedTuple):
     lam: Lambda
     value: torch.Tensor
     mask: object = None  # the site's mask (poutine.mask and the step's context), None when unmasked
+    conditional: Optional[Lambda] = None  # λ of q(z | earlier draws of the step): lam, except for joint slots
+
+    @property
+    def posterior_lambda(self) -> Lambda:
+        """λ of the distribution this site was drawn from (given the step's earlier draws)."""
+        return self.lam if self.conditional is None else self.conditional
 
 
 class ObservedRecord(NamedTuple):
@@ -148,7 +158,7 @@ class StepRun(Messenger):
 
     With ``lambdas=None`` every slot starts at its prior (the prediction, iteration 0) and the initial
     parameters are available as :attr:`initial_lambdas` (detached leaves that require grad); ``family`` is the
-    posterior family of those slots (``"diagonal"`` or ``"full"``).
+    posterior family of those slots (``"diagonal"``, ``"full"`` or ``"joint"``).
     """
 
     def __init__(self, ctx: StepContext, lambdas: Optional[List[Lambda]], kl_weight: float = 1.0,
@@ -156,6 +166,7 @@ class StepRun(Messenger):
         super().__init__()
         self.ctx, self.family = ctx, family
         self.lambdas = lambdas
+        self.draws = JointDraws(family)
         self.latents: List[LatentRecord] = []
         self.observations: List[ObservedRecord] = []
         self.terms = Terms(ctx.batch_shape, kl_weight)
@@ -178,12 +189,15 @@ class StepRun(Messenger):
             self.observations.append(ObservedRecord(name, fn, msg["value"]))
             return
         check_continuous_latent(name, fn)
-        lam = slot_lambda(self.lambdas, len(self.latents), name, fn, leaf=True, family=self.family)
-        q = site_posterior(lam, fn)
+        lam = slot_lambda(self.lambdas, len(self.latents), name, fn, leaf=True, family=self.family,
+                          preceding=self.draws.preceding)  # fmt: skip
+        cond = self.draws.condition(lam, fn)
+        q = site_posterior(cond, fn)
         z = q.rsample()
+        self.draws.add(z, cond, fn)
         msg["value"], msg["done"] = z, True
-        self.latents.append(LatentRecord(name, fn, lam, z, msg["mask"]))
-        score_site(self.terms, msg, prior=fn, q=q, q_params=lam)
+        self.latents.append(LatentRecord(name, fn, lam, z, msg["mask"], None if cond is lam else cond))
+        score_site(self.terms, msg, prior=fn, q=q, q_params=cond)
 
     def latent_errors(self, i: int) -> torch.Tensor:
         r""":math:`\varepsilon_z = (u - \mu_p)/\sigma_p` of slot ``i`` in the unconstrained space."""
@@ -264,7 +278,8 @@ class StepInference:
     :param int num_iterations: K.
     :param update: the update rule (see :mod:`pyro_avf.updates`).
     :param int num_samples: Monte-Carlo samples per gradient estimate.
-    :param str family: the step posteriors' family, ``"diagonal"`` or ``"full"`` (see :mod:`pyro_avf.posterior`).
+    :param str family: the step posteriors' family, ``"diagonal"``, ``"full"`` or ``"joint"`` (see
+        :mod:`pyro_avf.posterior`).
     """
 
     def __init__(self, num_iterations: int, update, num_samples: int = 1, family: str = "diagonal"):
@@ -294,11 +309,16 @@ class StepInference:
         if not self.num_iterations:
             return result
         args, kwargs = detached((args, kwargs))  # no graph towards θ or the past
-        keep_params = list(self.update.nets.parameters()) if train else []
+        keep_params = self._trained_parameters() if train else []
         # the final run validates the step's distributions; the re-runs skip Pyro's argument checks
         with frozen_parameters(keep_params), pyro.validation_enabled(False), torch.enable_grad():
             self._iterate(result, fn, args, kwargs, ctx, kl_weight, train, keep)
         return result
+
+    def _trained_parameters(self) -> List[torch.Tensor]:
+        """The update networks' parameters, as listed when they were last registered with the param store."""
+        nets = self.update.nets
+        return nets.registered if nets.registered is not None else list(nets.parameters())
 
     def _run(self, result: StepResult, fn, args, kwargs, ctx, lambdas, kl_weight) -> StepRun:
         run = StepRun(ctx, lambdas, kl_weight, self.family)
@@ -393,15 +413,25 @@ class FinalRun:
     def __init__(self, result: StepResult, lambdas: Optional[List[Lambda]], graph: Optional[List[Lambda]],
                  family: str = "diagonal"):  # fmt: skip
         self.result, self.lambdas, self.graph, self.family = result, lambdas, graph, family
+        self.draws = JointDraws(family)
+        self._drawn: Optional[tuple] = None  # (name, λ, prior) of the latest joint slot, until its value is read
         self.latent_names: List[str] = []
         self.site_names: List[str] = []
         self.num_observed = 0
 
-    def next_posterior(self, name: str, prior):
-        """The posterior of the next latent site of the step and its λ (the prior's, when K = 0)."""
-        lam = slot_lambda(self.lambdas, len(self.latent_names), name, prior, family=self.family)
+    def next_posterior(self, name: str, prior, trace=None):
+        """The posterior of the next latent site of the step and its λ (the prior's, when K = 0); for a joint
+        slot, given the earlier slots' draws, read from ``trace`` (the model's trace of the run)."""
+        if self._drawn is not None:
+            drawn, self._drawn = self._drawn, None
+            self.draws.add(trace.nodes[drawn[0]]["value"], drawn[1], drawn[2])
+        lam = slot_lambda(self.lambdas, len(self.latent_names), name, prior, family=self.family,
+                          preceding=self.draws.preceding)  # fmt: skip
+        cond = self.draws.condition(lam, prior)
+        if self.draws.member(prior):
+            self._drawn = (name, cond, prior)
         self.latent_names.append(name)
-        return site_posterior(lam, prior), lam
+        return site_posterior(cond, prior), cond
 
     def finish(self, trace, value, record, local_return: Optional[bool]) -> Tuple[object, Optional[bool]]:
         r"""Check the run, score it and add the update networks' final surrogate to ``record`` (a

@@ -63,7 +63,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from pyro_avf.free_energy import SequenceScores
 from pyro_avf.guide import IterativeGuide
 from pyro_avf.inference import Lambda, detached
-from pyro_avf.posterior import site_posterior
+from pyro_avf.posterior import JointDraws, site_posterior
 from pyro_avf.transition import StepModel, missing_members, plate_name
 
 
@@ -88,16 +88,25 @@ class FilterStep(NamedTuple):
 class _DrawLatents(Messenger):
     """Draw the latent sites of one step from given posteriors ``q(λ_i)``, in their order in the step."""
 
-    def __init__(self, lambdas: List[Lambda]):
+    def __init__(self, lambdas: List[Lambda], family: str = "diagonal"):
         super().__init__()
         self.lambdas = lambdas
         self.count = 0
+        self.draws = JointDraws(family)  # joint slots: each drawn given the earlier ones
 
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or site_is_subsample(msg) or self.count >= len(self.lambdas):
             return
-        msg["fn"] = site_posterior(self.lambdas[self.count], msg["fn"])
+        prior = msg["fn"]
+        lam = self.draws.condition(self.lambdas[self.count], prior)
+        msg["fn"] = site_posterior(lam, prior)
+        msg["infer"]["avf_draw"] = (lam, prior)
         self.count += 1
+
+    def _pyro_post_sample(self, msg) -> None:
+        drawn = msg["infer"].pop("avf_draw", None)
+        if drawn is not None:
+            self.draws.add(msg["value"], *drawn)
 
 
 def repeat_streams(tree: Any, times: int) -> Any:
@@ -299,7 +308,7 @@ class OnlineFilter:
         terms = record.online.last()
         return FilterStep(
             t=self.t,
-            posterior={rec.name: site_posterior(rec.lam, rec.prior) for rec in run.latents},
+            posterior={rec.name: site_posterior(rec.posterior_lambda, rec.prior) for rec in run.latents},
             free_energy=terms["free_energy"],
             kl=terms["kl"],
             reconstruction=terms["reconstruction"],
@@ -324,7 +333,8 @@ class OnlineFilter:
         batch = leading_size(before)
         with torch.random.fork_rng(devices=[]), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not registered in the param store because requires_grad")
-            with _DrawLatents(repeat_streams(lambdas, times)):  # z_t ~ q(z_t), x_t as observed
+            family = getattr(self.guide, "posterior_family", "diagonal")
+            with _DrawLatents(repeat_streams(lambdas, times), family):  # z_t ~ q(z_t), x_t as observed
                 filtered = poutine.trace(self.model.step).get_trace(state, *args, **kwargs)
             for _ in range(k):
                 simulated = poutine.trace(self.model.step).get_trace(state, None)

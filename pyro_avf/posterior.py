@@ -21,6 +21,21 @@ full-covariance posterior instead,
 
 with ``lower`` the D(D−1)/2 strictly-lower entries of L (row by row, ``torch.tril_indices(D, D, -1)``),
 initialised at 0. Every other site keeps the diagonal family.
+
+With ``family="joint"`` the vector-Normal sites of a step share one Gaussian: in the order the step samples
+them, site j (dimension :math:`D_j`, after sites of total dimension :math:`P_j`) has the rows of a joint
+Cholesky factor, :math:`u_j = \\mu_j + C_j \\varepsilon_{<j} + L_j \\varepsilon_j` with the earlier sites'
+standard-normal noise :math:`\\varepsilon_{<j}` (:class:`JointDraws`), i.e. the conditional
+
+.. math::
+
+    q_\\lambda(z_j \\mid z_{<j}) = \\mathcal{N}(z_j;\\, \\mu_j + C_j \\varepsilon_{<j},\\, L_j L_j^\\top),
+    \\qquad \\lambda_j = (\\mu_j, \\log\\sigma_j, [\\operatorname{vec} C_j, \\text{lower}_j]),
+
+whose product over j is every Gaussian over the step's latents jointly. ``lower`` then holds the
+:math:`D_j P_j` entries of :math:`C_j` (row-major) before the strictly-lower entries of :math:`L_j`; all start
+at 0 (the prior). The KL of the step, :math:`\\sum_j D_{KL}(q(z_j \\mid z_{<j}) \\| p(z_j \\mid z_{<j}))` at the
+drawn :math:`z_{<j}`, stays analytic per site and is an unbiased estimate of the joint KL.
 """
 
 from __future__ import annotations
@@ -34,7 +49,7 @@ from torch.distributions import biject_to
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 
 NUM_MOMENT_SAMPLES = 256
-FAMILIES = ("diagonal", "full")
+FAMILIES = ("diagonal", "full", "joint")
 
 
 def _layers(d: dist.Distribution):
@@ -189,10 +204,10 @@ def has_full_covariance(prior: dist.Distribution, family: str = "full") -> bool:
     """
     if family == "diagonal":
         return False
-    if family != "full":
-        raise ValueError(f"pyro_avf: posterior must be one of {FAMILIES}, got {family!r}")
+    check_family(family)
     base, _ = unwrap(prior)
-    return type(base) in (dist.Normal, torch.distributions.Normal) and prior.event_dim == 1 and prior.event_shape[0] > 1
+    vector_normal = type(base) in (dist.Normal, torch.distributions.Normal) and prior.event_dim == 1
+    return vector_normal and (prior.event_shape[0] > 1 or family == "joint")
 
 
 def check_family(family: str) -> str:
@@ -207,19 +222,107 @@ def lower_size(dim: int) -> int:
     return dim * (dim - 1) // 2
 
 
-def prior_lambda(prior: dist.Distribution, family: str = "diagonal") -> Tuple[torch.Tensor, ...]:
+def prior_lambda(prior: dist.Distribution, family: str = "diagonal", preceding: int = 0) -> Tuple[torch.Tensor, ...]:
     """λ of the posterior equal to the prior (detached): ``(loc, log_scale)`` from :func:`unconstrained_moments`,
-    plus ``lower = 0`` (off-diagonals zero) for a full-covariance site.
+    plus ``lower = 0`` (off-diagonals zero) for a full-covariance site; for a ``"joint"`` site after joint sites
+    of total dimension ``preceding``, ``lower`` also holds the D × ``preceding`` coupling entries (none at all
+    for a one-dimensional first site).
 
     Example::
 
         >>> [p.shape for p in prior_lambda(dist.Normal(torch.zeros(3), 1.0).to_event(1), "full")]
         [torch.Size([3]), torch.Size([3]), torch.Size([3])]
+        >>> [p.shape for p in prior_lambda(dist.Normal(torch.zeros(3), 1.0).to_event(1), "joint", preceding=2)]
+        [torch.Size([3]), torch.Size([3]), torch.Size([9])]
     """
     loc, scale = unconstrained_moments(prior)
     if not has_full_covariance(prior, family):
         return loc, scale.log()
-    return loc, scale.log(), loc.new_zeros(loc.shape[:-1] + (lower_size(loc.size(-1)),))
+    d = loc.size(-1)
+    entries = lower_size(d) + (d * preceding if family == "joint" else 0)
+    if not entries:
+        return loc, scale.log()
+    return loc, scale.log(), loc.new_zeros(loc.shape[:-1] + (entries,))
+
+
+def conditional_lambda(lam: Tuple[torch.Tensor, ...], noise: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    r"""The parameters of a joint slot's conditional posterior given the earlier joint slots' noise
+    :math:`\varepsilon_{<j}` (``noise``, ``(..., P)``): :math:`(\mu + C\varepsilon_{<j}, \log\sigma,
+    \text{lower})`. A slot without coupling entries is returned as it is.
+
+    Example::
+
+        >>> lam = (torch.zeros(1), torch.zeros(1), torch.tensor([2.0]))  # D = 1 after one joint dimension
+        >>> conditional_lambda(lam, torch.tensor([0.5]))[0]
+        tensor([1.])
+    """
+    if len(lam) < 3:
+        return lam
+    d = lam[0].size(-1)
+    coupling = lam[2].size(-1) - lower_size(d)
+    if not coupling:
+        return lam
+    p = coupling // d
+    if noise is None or noise.size(-1) != p:
+        raise RuntimeError(
+            f"pyro_avf: a joint latent slot coupled to {p} earlier dimensions follows joint slots of "
+            f"{0 if noise is None else noise.size(-1)}; a filtering step must sample the same latent sites in "
+            "the same order every time it runs."
+        )
+    cross = lam[2][..., :coupling].unflatten(-1, (d, p))
+    loc = lam[0] + (cross * noise.unsqueeze(-2)).sum(-1)
+    return (loc, lam[1], lam[2][..., coupling:])
+
+
+def standard_noise(value: torch.Tensor, lam: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    r""":math:`\varepsilon = L^{-1}(u - \mu)` of a draw ``value`` from the (conditional) Normal posterior with
+    parameters ``lam`` (:math:`(u - \mu)/\sigma` for a diagonal one); detached: it is the draw's noise."""
+    diff = (value - lam[0]).detach()
+    if len(lam) > 2 and lam[2].size(-1):
+        tril = scale_tril(lam[1].detach(), lam[2].detach())
+        tril = tril.expand(diff.shape[:-1] + tril.shape[-2:])
+        return torch.linalg.solve_triangular(tril, diff.unsqueeze(-1), upper=False).squeeze(-1)
+    return diff / lam[1].detach().exp()
+
+
+class JointDraws:
+    """The standard-normal noise of the joint slots drawn so far in one run of a step (``family="joint"``;
+    every other family leaves λ as it is). Use :meth:`condition` before a slot is drawn and :meth:`add` after.
+
+    Example::
+
+        >>> draws = JointDraws("joint")
+        >>> prior = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> lam = prior_lambda(prior, "joint", draws.preceding)
+        >>> cond = draws.condition(lam, prior)
+        >>> draws.add(site_posterior(cond, prior).sample(), cond, prior)
+        >>> draws.preceding
+        2
+    """
+
+    def __init__(self, family: str):
+        self.family = family
+        self.noise: list = []
+        self.preceding = 0
+
+    def member(self, prior: dist.Distribution) -> bool:
+        return self.family == "joint" and has_full_covariance(prior, "joint")
+
+    def condition(self, lam: Tuple[torch.Tensor, ...], prior: dist.Distribution) -> Tuple[torch.Tensor, ...]:
+        """The λ of the slot's posterior given the earlier joint slots' draws (:func:`conditional_lambda`)."""
+        if not self.member(prior) or not self.noise:
+            return lam
+        noise = self.noise[0]
+        if len(self.noise) > 1:
+            batch = torch.broadcast_shapes(*(n.shape[:-1] for n in self.noise))
+            noise = torch.cat([n.expand(batch + n.shape[-1:]) for n in self.noise], -1)
+        return conditional_lambda(lam, noise)
+
+    def add(self, value: torch.Tensor, lam: Tuple[torch.Tensor, ...], prior: dist.Distribution) -> None:
+        """Record the noise of a joint slot's draw ``value`` from the posterior with (conditional) ``lam``."""
+        if self.member(prior):
+            self.noise.append(standard_noise(value, lam))
+            self.preceding += value.size(-1)
 
 
 def site_posterior(lam: Tuple[torch.Tensor, ...], prior: dist.Distribution) -> dist.Distribution:

@@ -128,7 +128,7 @@ def log_importance_weights(run: StepRun) -> Tensor:
     shape = run.terms.batch_shape
     log_w = -run.terms.reconstruction
     for rec in run.latents:
-        q = site_posterior(rec.lam, rec.prior)
+        q = site_posterior(rec.posterior_lambda, rec.prior)
         ratio = apply_mask(rec.prior.log_prob(rec.value) - q.log_prob(rec.value), rec.mask)
         log_w = log_w + reduce_to(ratio, shape)
     return log_w

@@ -86,12 +86,22 @@ class _Normalise(nn.Module):
         return torch.cat([self.norm(x), log_rms], -1)
 
 
+def _coupling(entries: int, dim: int) -> Optional[int]:
+    """P for a slot of dimension ``dim`` with ``entries`` = 0 or D(D−1)/2 + D·P lower entries (None: neither)."""
+    if entries == 0:
+        return 0
+    rest = entries - dim * (dim - 1) // 2
+    return rest // dim if rest >= 0 and rest % dim == 0 else None
+
+
 def _lower_rows(slot_dims: Sequence[int], lower_dims: Sequence[int]) -> torch.Tensor:
-    """For each lower entry of the joined slots, the index of its row's log-scale in the joined log-scales."""
+    """For each lower entry of the joined slots, the index of its row's log-scale in the joined log-scales: the
+    D·P coupling entries of a joint slot (row-major), then its strictly-lower entries."""
     rows, offset = [], 0
     for d, n in zip(slot_dims, lower_dims):
         if n:
-            rows.append(torch.tril_indices(d, d, -1)[0] + offset)
+            coupled = torch.arange(d).repeat_interleave(_coupling(n, d))
+            rows.append(torch.cat([coupled, torch.tril_indices(d, d, -1)[0]]) + offset)
         offset += d
     return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
@@ -122,7 +132,8 @@ class UpdateNetwork(nn.Module):
     :param int hidden: units per hidden layer (the AVF paper used 1024).
     :param slot_dims: the slots' sizes (summing to ``dim``): each slot's terms are normalised on their own.
     :param lower_dims: each slot's number of strictly-lower Cholesky entries (D(D−1)/2 for a full-covariance
-        slot, 0 for a diagonal one; None: all diagonal). With any, λ and the gradients get a third part.
+        slot, D(D−1)/2 + D·P for a joint slot coupled to P earlier dimensions, 0 for a diagonal one; None: all
+        diagonal). With any, λ and the gradients get a third part.
 
     Example::
 
@@ -153,11 +164,11 @@ class UpdateNetwork(nn.Module):
         if sum(self.slot_dims) != dim:
             raise ValueError(f"slot_dims {self.slot_dims} do not add up to dim {dim}")
         self.lower_dims = list(lower_dims) if lower_dims is not None else [0] * len(self.slot_dims)
-        expected = [d * (d - 1) // 2 for d in self.slot_dims]
-        pairs = zip(self.lower_dims, expected)
-        if len(self.lower_dims) != len(self.slot_dims) or any(n not in (0, e) for n, e in pairs):
+        pairs = zip(self.lower_dims, self.slot_dims)
+        if len(self.lower_dims) != len(self.slot_dims) or any(_coupling(n, d) is None for n, d in pairs):
             raise ValueError(
-                f"lower_dims {self.lower_dims} must give 0 or D(D-1)/2 per slot of slot_dims {self.slot_dims}"
+                f"lower_dims {self.lower_dims} must give 0 or D(D-1)/2 + D P (P >= 0 coupled dimensions) per slot "
+                f"of slot_dims {self.slot_dims}"
             )
         self.form, self.encoding = form, encoding
         self.dim, self.error_dim, self.obs_dim = dim, error_dim, obs_dim
@@ -192,7 +203,7 @@ class UpdateNetwork(nn.Module):
 
         # the constructor's sizes, saved beside the weights so that a fresh guide can rebuild the network
         spec = [dim, error_dim, obs_dim, hidden, FORMS.index(form), ("gradient", "error").index(encoding)]
-        spec += self.slot_dims + ([-1] + [int(n > 0) for n in self.lower_dims] if lower else [])
+        spec += self.slot_dims + ([-2] + self.lower_dims if lower else [])
         self.register_buffer("spec", torch.tensor(spec))
         self.register_buffer("lower_rows", _lower_rows(self.slot_dims, self.lower_dims), persistent=False)
 
@@ -200,8 +211,14 @@ class UpdateNetwork(nn.Module):
     def from_spec(spec: torch.Tensor) -> "UpdateNetwork":
         """The (untrained) network that the ``spec`` buffer of a saved one describes."""
         dim, error_dim, obs_dim, hidden, form, encoding, *rest = (int(v) for v in spec)
-        slot_dims, full = (rest[: rest.index(-1)], rest[rest.index(-1) + 1 :]) if -1 in rest else (rest, [])
-        lower_dims = [d * (d - 1) // 2 * f for d, f in zip(slot_dims, full)] if full else None
+        lower_dims = None
+        if -2 in rest:  # the slots' numbers of lower entries
+            slot_dims, lower_dims = rest[: rest.index(-2)], rest[rest.index(-2) + 1 :]
+        elif -1 in rest:  # earlier format: a full-covariance flag per slot
+            slot_dims, full = rest[: rest.index(-1)], rest[rest.index(-1) + 1 :]
+            lower_dims = [d * (d - 1) // 2 * f for d, f in zip(slot_dims, full)]
+        else:
+            slot_dims = rest
         return UpdateNetwork(dim, FORMS[form], ("gradient", "error")[encoding], error_dim, obs_dim, hidden,
                              slot_dims=slot_dims, lower_dims=lower_dims)  # fmt: skip
 
@@ -265,6 +282,7 @@ class UpdateNetworks(nn.ModuleDict):
     def __init__(self, prefix: str = "avf_update_"):
         super().__init__()
         self.prefix = prefix  # of the networks' names in Pyro's param store
+        self.registered: Optional[List[torch.Tensor]] = None  # the parameters at the last register()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         for name, value in state_dict.items():
@@ -288,6 +306,7 @@ class UpdateNetworks(nn.ModuleDict):
                         "pyro.clear_param_store() before building a guide for another model."
                     )
             pyro.module(name, net, update_module_params=True)
+        self.registered = list(self.parameters())  # read once per step by the inference re-runs
 
 
 class LearnedUpdate:

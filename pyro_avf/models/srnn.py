@@ -18,9 +18,9 @@ Masked steps (``mask`` False: padding) contribute nothing: both z_t and x_t are 
 
 The model follows the step-model protocol of :mod:`pyro_avf.transition`: :meth:`SRNN.advance` takes the carry
 :class:`SRNNCarry` (z_{t-1}, x_{t-1} and the LSTM state), advances the LSTM by one step and calls the marked
-step, and :meth:`SRNN.model` is that loop, so :class:`~pyro_avf.online.OnlineFilter` streams the model as it is
-with the batch pass's numbers and memory flat in the length of the stream. (The baseline guide still runs its
-LSTM over the whole sequence up front: the same d_{1:T} up to floating-point rounding.)
+step, so :class:`~pyro_avf.online.OnlineFilter` streams the model with memory flat in the length of the stream.
+The batch pass :meth:`SRNN.model` (and the baseline guide) run the LSTM over the whole batch up front, which is
+faster, and then the same marked step: the same d_{1:T} and numbers up to floating-point rounding.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from pyro_avf.models._layers import (
 )
 from pyro_avf.online import StepStream
 from pyro_avf.step import filtering_step
-from pyro_avf.transition import run_steps
 
 
 class SRNNGenerative(nn.Module):
@@ -156,10 +155,19 @@ class SRNN(nn.Module):
         return check_inputs(xs, mask, self.x_dim, self.likelihood)
 
     def model(self, xs: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """Score ``xs`` (B, T, x_dim); ``mask`` (B, T) bool is False on padding. Returns z_T (B, z_dim)."""
+        """Score ``xs`` (B, T, x_dim); ``mask`` (B, T) bool is False on padding. Returns z_T (B, z_dim).
+
+        The batch pass runs the LSTM over the whole batch in one call (:meth:`SRNNGenerative.deterministic`,
+        faster than one cell per step) and then the marked :meth:`step` per time step; :meth:`advance`, which
+        streams use, computes the same :math:`d_t` one step at a time (equal up to floating-point rounding)."""
         xs, mask = self.validate(xs, mask)
         pyro.module("srnn", self.generative)
-        return run_steps(self, xs, mask).z
+        d = self.generative.deterministic(xs)
+        z = xs.new_zeros(xs.size(0), self.z_dim)
+        with pyro.plate(self.plate_name, xs.size(0)):
+            for t in pyro.markov(range(1, xs.size(1) + 1)):
+                z, _ = self.step(t, z, d[:, t - 1], xs[:, t - 1], None if mask is None else mask[:, t - 1])
+        return z
 
     def stream(self) -> SRNNStream:
         """This model as a stream for :class:`~pyro_avf.online.OnlineFilter`, with its own filter step by step

@@ -162,9 +162,9 @@ class StepRun(Messenger):
     """
 
     def __init__(self, ctx: StepContext, lambdas: Optional[List[Lambda]], kl_weight: float = 1.0,
-                 family: str = "diagonal"):  # fmt: skip
+                 family: str = "diagonal", check: bool = True):  # fmt: skip
         super().__init__()
-        self.ctx, self.family = ctx, family
+        self.ctx, self.family, self.check = ctx, family, check
         self.lambdas = lambdas
         self.draws = JointDraws(family)
         self.latents: List[LatentRecord] = []
@@ -184,11 +184,13 @@ class StepRun(Messenger):
             return
         name, fn = msg["name"], msg["fn"]
         if msg["is_observed"]:
-            check_finite_observation(name, msg["value"])
+            if self.check:
+                check_finite_observation(name, msg["value"])
             score_site(self.terms, msg)
             self.observations.append(ObservedRecord(name, fn, msg["value"]))
             return
-        check_continuous_latent(name, fn)
+        if self.check:
+            check_continuous_latent(name, fn)
         lam = slot_lambda(self.lambdas, len(self.latents), name, fn, leaf=True, family=self.family,
                           preceding=self.draws.preceding)  # fmt: skip
         cond = self.draws.condition(lam, fn)
@@ -321,7 +323,8 @@ class StepInference:
         return nets.registered if nets.registered is not None else list(nets.parameters())
 
     def _run(self, result: StepResult, fn, args, kwargs, ctx, lambdas, kl_weight) -> StepRun:
-        run = StepRun(ctx, lambdas, kl_weight, self.family)
+        # the first run of a step checks its data and latent sites; the re-runs see the same sites
+        run = StepRun(ctx, lambdas, kl_weight, self.family, check=result.executions == 0)
         try:
             with run:
                 fn(*args, **kwargs)

@@ -101,6 +101,16 @@ def batch_mask(d: dist.Distribution) -> Optional[torch.Tensor]:
     return mask.flatten(-d.event_dim).any(-1) if d.event_dim else mask
 
 
+_NORMALS = (dist.Normal, torch.distributions.Normal)
+
+
+def _plain_normal(prior: dist.Distribution) -> bool:
+    """Whether ``prior`` is a Normal, or one ``Independent`` around a Normal, with nothing masked or expanded."""
+    if type(prior) in _NORMALS:
+        return True
+    return type(prior) in (dist.Independent, torch.distributions.Independent) and type(prior.base_dist) in _NORMALS
+
+
 def _is_identity(t: Transform) -> bool:
     while isinstance(t, IndependentTransform):
         t = t.base_transform
@@ -162,6 +172,8 @@ def posterior(loc: torch.Tensor, log_scale: torch.Tensor, prior: dist.Distributi
         >>> posterior(torch.zeros(3), torch.zeros(3), prior, lower=torch.ones(3)).covariance_matrix[2]
         tensor([1., 2., 3.])
     """
+    if lower is None and _plain_normal(prior):  # the common case, on the hot path of every re-run
+        return dist.Normal(loc, log_scale.exp()).to_event(prior.event_dim)
     if lower is not None:
         q = dist.MultivariateNormal(loc, scale_tril=scale_tril(log_scale, lower))
         mask = event_mask(prior)
@@ -415,6 +427,12 @@ def kl_or_log_ratio(q: dist.Distribution, prior: dist.Distribution, value: torch
     ``(loc, log_scale)`` of ``q``, or ``(loc, log_scale, lower)`` of a full-covariance ``q``
     (:func:`kl_full_to_diagonal`).
     """
+    if q_params is not None and len(q_params) == 2 and _plain_normal(prior):  # the hot path: no mask, no expand
+        base = prior.base_dist if prior.event_dim else prior
+        q_loc, q_log_scale = q_params
+        var_ratio = (2 * q_log_scale).exp() / base.scale.pow(2)
+        kl = 0.5 * (var_ratio + (q_loc - base.loc).pow(2) / base.scale.pow(2) - 1 - var_ratio.log())
+        return kl.sum(tuple(range(-prior.event_dim, 0))) if prior.event_dim else kl
     p_params = normal_parameters(prior)
     if p_params is not None and q_params is not None:
         q_loc, q_log_scale = q_params[:2]
@@ -463,5 +481,7 @@ def check_continuous_latent(name: str, prior: dist.Distribution) -> None:
 
 def unconstrained_event_dim(prior: dist.Distribution) -> int:
     """Number of event dims of the site's unconstrained representation."""
+    if _plain_normal(prior):  # the hot path: the identity bijection
+        return prior.event_dim
     transform = biject_to(prior.support)
     return prior.event_dim - transform.codomain.event_dim + transform.domain.event_dim

@@ -2,10 +2,12 @@
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
+import pyro_avf
 from pyro_avf import AmortizedFilteringELBO, IterativeGuide
 from pyro_avf.baselines.kalman import diagonal_gap, expected_step_free_energy, step_optimum
 from pyro_avf.models.hierarchical import TwoLevelSSM
@@ -182,3 +184,30 @@ def test_online_filtering_and_smc_with_a_joint_proposal():
     pyro.set_rng_seed(0)
     estimate = smc_log_likelihood(m, guide, xs, num_particles=16)
     assert torch.isfinite(torch.as_tensor(estimate.log_marginal)).all()
+
+
+def test_masked_sequences_add_nothing_with_a_joint_posterior():
+    pyro.clear_param_store()
+    m = _chain(2, 2, 4)
+    xs, _, _ = m.sample(3, 2, seed=1)
+
+    def model(xs, mask):
+        z1 = xs.new_zeros(xs.size(0), 2)
+        with pyro.plate("sequences", xs.size(0)):
+            for t in range(xs.size(1)):
+                z1 = masked_step(t, z1, xs[:, t], mask)
+
+    @pyro_avf.filtering_step
+    def masked_step(t, z1_prev, x_t, mask):
+        with poutine.mask(mask=mask):
+            z1 = pyro.sample(f"z1_{t}", dist.Normal(z1_prev @ m.A.T, m.q1).to_event(1))
+            z2 = pyro.sample(f"z2_{t}", dist.Normal(z1 @ m.B.T, m.q2).to_event(1))
+            pyro.sample(f"x_{t}", dist.Normal(z2 @ m.C.T, m.r).to_event(1), obs=x_t)
+        return z1
+
+    mask = torch.tensor([True, False, True])
+    guide = IterativeGuide(model, 3, update="adam", lr=0.1, posterior="joint")
+    elbo = AmortizedFilteringELBO()
+    elbo.loss(model, guide, xs, mask)
+    assert (elbo.diagnostics["free_energy"][1] == 0).all()  # the masked sequence: exactly 0 at every iteration
+    assert (elbo.diagnostics["kl"][[0, 2], :, -1] > 0).all()

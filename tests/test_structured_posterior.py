@@ -145,12 +145,13 @@ def _masked_model(xs, site_mask=True, event_mask=None, coordinate_mask=None):
             z = _masked_step(t, z, xs[:, t], site_mask, event_mask, coordinate_mask)
 
 
+@pytest.mark.parametrize("family", ["full", "joint"])
 @pytest.mark.parametrize("where", ["poutine", "distribution"])
-def test_masked_elements_contribute_zero(where):
+def test_masked_elements_contribute_zero(where, family):
     xs = torch.randn(3, 2, 4)
     mask = torch.tensor([True, False, True])
     kwargs = {"site_mask": mask} if where == "poutine" else {"event_mask": mask}
-    guide = IterativeGuide(_masked_model, 4, update="adam", lr=0.1, posterior="full")
+    guide = IterativeGuide(_masked_model, 4, update="adam", lr=0.1, posterior=family)
     elbo = AmortizedFilteringELBO()
     elbo.loss(_masked_model, guide, xs, **kwargs)
     for k, step in enumerate(guide.last_pass.steps):

@@ -196,7 +196,7 @@ class StepRun(Messenger):
         cond = self.draws.condition(lam, fn)
         q = site_posterior(cond, fn)
         z = q.rsample()
-        self.draws.add(z, cond, fn)
+        self.draws.add(z)
         msg["value"], msg["done"] = z, True
         self.latents.append(LatentRecord(name, fn, lam, z, msg["mask"], None if cond is lam else cond))
         score_site(self.terms, msg, prior=fn, q=q, q_params=cond)
@@ -417,7 +417,6 @@ class FinalRun:
                  family: str = "diagonal"):  # fmt: skip
         self.result, self.lambdas, self.graph, self.family = result, lambdas, graph, family
         self.draws = JointDraws(family)
-        self._drawn: Optional[tuple] = None  # (name, λ, prior) of the latest joint slot, until its value is read
         self.latent_names: List[str] = []
         self.site_names: List[str] = []
         self.num_observed = 0
@@ -425,14 +424,11 @@ class FinalRun:
     def next_posterior(self, name: str, prior, trace=None):
         """The posterior of the next latent site of the step and its λ (the prior's, when K = 0); for a joint
         slot, given the earlier slots' draws, read from ``trace`` (the model's trace of the run)."""
-        if self._drawn is not None:
-            drawn, self._drawn = self._drawn, None
-            self.draws.add(trace.nodes[drawn[0]]["value"], drawn[1], drawn[2])
+        if self.draws.pending is not None:  # the previous site was a joint one: its draw is in the trace now
+            self.draws.add(trace.nodes[self.latent_names[-1]]["value"])
         lam = slot_lambda(self.lambdas, len(self.latent_names), name, prior, family=self.family,
                           preceding=self.draws.preceding)  # fmt: skip
         cond = self.draws.condition(lam, prior)
-        if self.draws.member(prior):
-            self._drawn = (name, cond, prior)
         self.latent_names.append(name)
         return site_posterior(cond, prior), cond
 

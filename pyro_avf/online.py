@@ -97,16 +97,12 @@ class _DrawLatents(Messenger):
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or site_is_subsample(msg) or self.count >= len(self.lambdas):
             return
-        prior = msg["fn"]
-        lam = self.draws.condition(self.lambdas[self.count], prior)
-        msg["fn"] = site_posterior(lam, prior)
-        msg["infer"]["avf_draw"] = (lam, prior)
+        msg["fn"] = site_posterior(self.draws.condition(self.lambdas[self.count], msg["fn"]), msg["fn"])
         self.count += 1
 
     def _pyro_post_sample(self, msg) -> None:
-        drawn = msg["infer"].pop("avf_draw", None)
-        if drawn is not None:
-            self.draws.add(msg["value"], *drawn)
+        if not msg["is_observed"]:
+            self.draws.add(msg["value"])  # no-op unless the site was a joint slot drawn here
 
 
 def repeat_streams(tree: Any, times: int) -> Any:

@@ -299,15 +299,15 @@ def standard_noise(value: torch.Tensor, lam: Tuple[torch.Tensor, ...]) -> torch.
 
 class JointDraws:
     """The standard-normal noise of the joint slots drawn so far in one run of a step (``family="joint"``;
-    every other family leaves λ as it is). Use :meth:`condition` before a slot is drawn and :meth:`add` after.
+    every other family leaves λ as it is). Call :meth:`condition` before a slot is drawn and :meth:`add` with the
+    draw after it.
 
     Example::
 
         >>> draws = JointDraws("joint")
         >>> prior = dist.Normal(torch.zeros(2), 1.0).to_event(1)
-        >>> lam = prior_lambda(prior, "joint", draws.preceding)
-        >>> cond = draws.condition(lam, prior)
-        >>> draws.add(site_posterior(cond, prior).sample(), cond, prior)
+        >>> cond = draws.condition(prior_lambda(prior, "joint", draws.preceding), prior)
+        >>> draws.add(site_posterior(cond, prior).sample())
         >>> draws.preceding
         2
     """
@@ -316,25 +316,31 @@ class JointDraws:
         self.family = family
         self.noise: list = []
         self.preceding = 0
+        self.pending: Optional[Tuple[torch.Tensor, ...]] = None  # λ of the joint slot being drawn
 
     def member(self, prior: dist.Distribution) -> bool:
         return self.family == "joint" and has_full_covariance(prior, "joint")
 
     def condition(self, lam: Tuple[torch.Tensor, ...], prior: dist.Distribution) -> Tuple[torch.Tensor, ...]:
         """The λ of the slot's posterior given the earlier joint slots' draws (:func:`conditional_lambda`)."""
-        if not self.member(prior) or not self.noise:
+        if not self.member(prior):
+            self.pending = None
             return lam
-        noise = self.noise[0]
-        if len(self.noise) > 1:
-            batch = torch.broadcast_shapes(*(n.shape[:-1] for n in self.noise))
-            noise = torch.cat([n.expand(batch + n.shape[-1:]) for n in self.noise], -1)
-        return conditional_lambda(lam, noise)
+        if self.noise:
+            noise = self.noise[0]
+            if len(self.noise) > 1:
+                batch = torch.broadcast_shapes(*(n.shape[:-1] for n in self.noise))
+                noise = torch.cat([n.expand(batch + n.shape[-1:]) for n in self.noise], -1)
+            lam = conditional_lambda(lam, noise)
+        self.pending = lam
+        return lam
 
-    def add(self, value: torch.Tensor, lam: Tuple[torch.Tensor, ...], prior: dist.Distribution) -> None:
-        """Record the noise of a joint slot's draw ``value`` from the posterior with (conditional) ``lam``."""
-        if self.member(prior):
-            self.noise.append(standard_noise(value, lam))
+    def add(self, value: torch.Tensor) -> None:
+        """Record the noise of the draw ``value`` of the slot last conditioned, if it is a joint one."""
+        if self.pending is not None:
+            self.noise.append(standard_noise(value, self.pending))
             self.preceding += value.size(-1)
+            self.pending = None
 
 
 def site_posterior(lam: Tuple[torch.Tensor, ...], prior: dist.Distribution) -> dist.Distribution:

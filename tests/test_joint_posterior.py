@@ -64,7 +64,7 @@ def test_draws_in_step_order_have_the_joint_covariance():
     for lam, prior in ((lam1, p1), (lam2, p2)):
         cond = draws.condition(tuple(p.expand(n, -1) for p in lam), prior)
         z = site_posterior(cond, prior).sample()
-        draws.add(z, cond, prior)
+        draws.add(z)
         values.append(z)
     u = torch.cat(values, -1)
     L = _joint_tril(lam1, lam2)

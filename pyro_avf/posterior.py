@@ -433,13 +433,12 @@ def kl_or_log_ratio(q: dist.Distribution, prior: dist.Distribution, value: torch
     ``(loc, log_scale)`` of ``q``, or ``(loc, log_scale, lower)`` of a full-covariance ``q``
     (:func:`kl_full_to_diagonal`).
     """
-    if q_params is not None and len(q_params) == 2 and _plain_normal(prior):  # the hot path: no mask, no expand
+    if q_params is not None and _plain_normal(prior):  # the hot path: no mask to apply, no expand needed
         base = prior.base_dist if prior.event_dim else prior
-        q_loc, q_log_scale = q_params
-        var_ratio = (2 * q_log_scale).exp() / base.scale.pow(2)
-        kl = 0.5 * (var_ratio + (q_loc - base.loc).pow(2) / base.scale.pow(2) - 1 - var_ratio.log())
-        return kl.sum(tuple(range(-prior.event_dim, 0))) if prior.event_dim else kl
-    p_params = normal_parameters(prior)
+        p_params, mask = (base.loc, base.scale), None
+    else:
+        p_params = normal_parameters(prior)
+        mask = coordinate_mask(prior) if p_params is not None else None
     if p_params is not None and q_params is not None:
         q_loc, q_log_scale = q_params[:2]
         p_loc, p_scale = p_params
@@ -448,7 +447,6 @@ def kl_or_log_ratio(q: dist.Distribution, prior: dist.Distribution, value: torch
         else:
             var_ratio = (2 * q_log_scale).exp() / p_scale.pow(2)
             kl = 0.5 * (var_ratio + (q_loc - p_loc).pow(2) / p_scale.pow(2) - 1 - var_ratio.log())
-        mask = coordinate_mask(prior)
         if mask is not None:
             kl = torch.where(mask, kl, kl.new_zeros(()))
         if prior.event_dim:

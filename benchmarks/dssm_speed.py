@@ -14,10 +14,12 @@ emitting 88 keys; the per-step function is marked with :func:`pyro_avf.filtering
 ``pyro.markov`` loop inside ``pyro.plate("sequences", B)``; padded steps are masked with ``.mask(m_t)`` on both
 distributions, as Pyro's DMM example does.
 
-Four methods, the same model weights at the start (the filter's too in its two versions; the plain update network
+Five methods, the same model weights at the start (the filter's too in its two versions; the plain update network
 is built by the library's constructor with its own random weights), each trained by its own Adam (``lr`` 1e-3):
 
-- ``avf_k1``: ``pyro_avf.IterativeGuide(model, num_iterations=1)`` (its defaults) with
+- ``avf_k1``: ``pyro_avf.IterativeGuide(model, num_iterations=1, num_samples=1)`` (its defaults but one sample
+  per inference gradient, the AVF paper's algorithm and the plain version's; ``avf_k1_pair`` is the same with
+  the guide's default antithetic pair, two re-runs of the step) with
   ``pyro_avf.AmortizedFilteringELBO()``, in ``pyro.infer.SVI`` with ``pyro.optim.Adam`` and its own Pyro
   parameter store (``ParamStore.scope``);
 - ``handwritten``: a filtering guide written by hand, a forward GRU (hidden 128) over :math:`x_{1:t}` and a
@@ -44,9 +46,10 @@ One timed unit is one training step on a batch of random 25-step crops of real J
 ``zero_grad`` and ``loss.item()`` for the plain ones. Timing as in ``benchmarks/speed.py``: after ``--warmup``
 untimed rounds, ``--reps`` rounds, each running every method once in a fresh random order on the same batch;
 reported per batch size are the median seconds per step of each method and the median [q25, q75] over rounds of
-four within-round ratios:
+five within-round ratios:
 
 - AVF K=1 / hand-written (the library; goals from the issue: ≤ 1.2 at batch 16, ≤ 1.0 at batch 64);
+- the same with the guide's default antithetic pair (one more run of the step per iteration);
 - plain AVF / plain filter (the algorithm's inherent cost: two runs of the step, an inner ``autograd.grad`` and
   the update network);
 - library AVF / plain AVF (the library's overhead, Pyro's included);
@@ -96,11 +99,13 @@ GOALS = {16: 1.2, 64: 1.0}  # AVF K=1 / hand-written guide, from the issue
 GOAL_RATIO = "library"
 RATIOS = {  # name: (numerator, denominator, label)
     "library": ("avf_k1", "handwritten", "AVF K=1 / hand-written (library)"),
+    "library_default": ("avf_k1_pair", "handwritten", "AVF K=1 with the default antithetic pair / hand-written"),
     "inherent": ("plain_avf_k1", "plain_filter", "plain AVF / plain filter (inherent)"),
     "avf_overhead": ("avf_k1", "plain_avf_k1", "library AVF / plain AVF (library overhead)"),
     "pyro_overhead": ("handwritten", "plain_filter", "library filter / plain filter (Pyro overhead)"),
 }
-LABELS = {"avf_k1": "AVF K=1 (IterativeGuide + AmortizedFilteringELBO)",
+LABELS = {"avf_k1": "AVF K=1 (IterativeGuide + AmortizedFilteringELBO), one sample",
+          "avf_k1_pair": "AVF K=1, IterativeGuide's default antithetic pair",
           "handwritten": "hand-written GRU filter (TraceMeanField_ELBO)",
           "plain_avf_k1": "plain-PyTorch AVF K=1 (same networks, no Pyro)",
           "plain_filter": "plain-PyTorch GRU filter (no Pyro)"}  # fmt: skip
@@ -295,7 +300,7 @@ class PlainMethod(Method):
 
 
 def build_methods(seed: int) -> Dict[str, Method]:
-    """All four methods with the same DSSM weights at the start (from ``seed``); the filter (both versions) and
+    """All five methods with the same DSSM weights at the start (from ``seed``); the filter (both versions) and
     the plain update network from ``seed + 1``."""
     torch.manual_seed(seed)
     dssm = DSSM()
@@ -303,9 +308,15 @@ def build_methods(seed: int) -> Dict[str, Method]:
 
     avf_model = copy.deepcopy(dssm)
     torch.manual_seed(seed + 1)
-    guide = pyro_avf.IterativeGuide(avf_model.model, num_iterations=1)
+    guide = pyro_avf.IterativeGuide(avf_model.model, num_iterations=1, num_samples=1)
     svi = pyro.infer.SVI(avf_model.model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=pyro_avf.AmortizedFilteringELBO())
     methods["avf_k1"] = PyroMethod("avf_k1", svi, {"params": {}, "constraints": {}})
+
+    pair_model = copy.deepcopy(dssm)
+    torch.manual_seed(seed + 1)
+    guide = pyro_avf.IterativeGuide(pair_model.model, num_iterations=1)
+    svi = pyro.infer.SVI(pair_model.model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=pyro_avf.AmortizedFilteringELBO())
+    methods["avf_k1_pair"] = PyroMethod("avf_k1_pair", svi, {"params": {}, "constraints": {}})
 
     hw_model = copy.deepcopy(dssm)
     torch.manual_seed(seed + 1)

@@ -1,5 +1,9 @@
 """Per-step training time of SRNN on JSB crops: library AVF (K=1, K=5), SRNN's baseline filter, plain-torch AVF.
 
+The library AVF methods use one sample per inference gradient, as the plain-torch reference and the AVF paper
+do (the CLI's default); ``library_avf_k1_pair`` / ``library_avf_k5_pair`` use ``IterativeGuide``'s own default,
+an antithetic pair (two re-runs of the step per iteration).
+
 One training step = the loss of a batch of 16 random crops of 25 steps of real quarter-note JSB songs (SRNN
 music sizes), ``(loss / B).backward()``, one Adam step — what ``pyro_avf.train`` does per batch. Library methods
 go through the CLI's own objects (:func:`pyro_avf.train.build_inference`, i.e. ``IterativeGuide`` +
@@ -54,6 +58,9 @@ RATIOS = {
     "AVF K=5 / baseline": ("library_avf_k5", "baseline"),
     "library / plain-torch, K=1": ("library_avf_k1", "plain_avf_k1"),
     "library / plain-torch, K=5": ("library_avf_k5", "plain_avf_k5"),
+    "AVF K=1, antithetic pair / one sample": ("library_avf_k1_pair", "library_avf_k1"),
+    "AVF K=5, antithetic pair / one sample": ("library_avf_k5_pair", "library_avf_k5"),
+    "AVF K=1, antithetic pair / baseline": ("library_avf_k1_pair", "baseline"),
 }
 
 
@@ -94,7 +101,7 @@ def make_batch(config: str, batch_size: int, length: int, seed: int) -> Tuple[Te
 
 
 def build_methods(hidden_size: int, model_size=None, seed: int = 0, config: str = "music") -> Dict[str, Method]:
-    """The five methods, each with an SRNN initialised from ``seed`` (update networks from ``seed + 1``).
+    """The seven methods, each with an SRNN initialised from ``seed`` (update networks from ``seed + 1``).
 
     ``config="speech"``: SRNN's speech sizes, and the update networks also encode :math:`x_t` (the AVF paper's
     TIMIT setting, where it reports 13.1 ms per step for AVF against 15.6 ms for the baseline)."""
@@ -102,8 +109,12 @@ def build_methods(hidden_size: int, model_size=None, seed: int = 0, config: str 
     cli_args = ["--model", "srnn", "--hidden-size", str(hidden_size)]
     if config == "speech":
         cli_args.append("--encode-observation")
-    for name, inference, k in [("library_avf_k1", "avf", 1), ("library_avf_k5", "avf", 5), ("baseline", "baseline", 0)]:
-        args = cli.build_parser().parse_args(cli_args + ["--inference", inference, "--iterations", str(k)])
+    pairs = ["--num-samples", "2", "--antithetic"]  # the library's default inference gradient
+    library = [("library_avf_k1", "avf", 1, []), ("library_avf_k5", "avf", 5, []),
+               ("library_avf_k1_pair", "avf", 1, pairs), ("library_avf_k5_pair", "avf", 5, pairs),
+               ("baseline", "baseline", 0, [])]  # fmt: skip
+    for name, inference, k, extra in library:
+        args = cli.build_parser().parse_args(cli_args + ["--inference", inference, "--iterations", str(k), *extra])
         torch.manual_seed(seed)
         model = build_srnn(config, model_size)
         guide, net = cli.build_inference(args, model)

@@ -1,7 +1,7 @@
 r"""What a learned update sees besides λ: gradients, prediction errors, observations.
 
 For the slots :math:`i \in G` that one update network serves, every term is flattened to ``batch + (-1,)``
-(``batch``: the slot's own batch dims for a single slot, the step's outer plates for several) and the slots'
+(``batch``: the slots' own batch dims when they agree, else the step's outer plates) and the slots'
 terms are joined along the last dim:
 
 - *gradient encoding* (Marino et al., 2018): :math:`(\mu_i, \log\sigma_i, \nabla_{\mu_i} \mathcal{F},
@@ -84,12 +84,10 @@ class Encoding:
 
     def inputs(self, run, group: Sequence[int], lambdas: List[Lambda], grads: List[Lambda]) -> NetworkInputs:
         """The network inputs for slots ``group`` after the re-run ``run``."""
-        first = run.latents[group[0]]
-        if len(group) == 1:
-            shape = lambdas[group[0]][0].shape
-            batch = shape[: len(shape) - unconstrained_event_dim(first.prior)]
-        else:
-            batch = run.terms.batch_shape
+        # the slots' own batch dims when they agree (a single slot, or sites batched alike with or without
+        # plates), else the step's outer plates
+        batches = {_own_batch(lambdas[i][0], run.latents[i].prior) for i in group}
+        batch = batches.pop() if len(batches) == 1 else run.terms.batch_shape
 
         def flat(x: torch.Tensor, i: int) -> torch.Tensor:
             return flatten_to(x, batch, run.latents[i].name)
@@ -100,7 +98,7 @@ class Encoding:
         locs = [flat(lambdas[i][0], i) for i in group]
         lam = (joined(locs), joined([flat(lambdas[i][1], i) for i in group]))
         g = (joined([flat(grads[i][0], i) for i in group]), joined([flat(grads[i][1], i) for i in group]))
-        lower_dims = [lambdas[i][2].size(-1) if len(lambdas[i]) > 2 else 0 for i in group]
+        lower_dims = [flat(lambdas[i][2], i).size(-1) if len(lambdas[i]) > 2 else 0 for i in group]
         if any(lower_dims):
             full = [i for i in group if len(lambdas[i]) > 2]
             lam += (joined([flat(lambdas[i][2], i) for i in full]),)
@@ -111,6 +109,10 @@ class Encoding:
         obs = run.observed_values(batch, lam[0]) if self.observation else None
         shapes = [tuple(p.shape for p in lambdas[i]) for i in group]
         return NetworkInputs(lam, g, errors, obs, shapes, [x.size(-1) for x in locs], lower_dims)
+
+
+def _own_batch(loc: torch.Tensor, prior) -> torch.Size:
+    return loc.shape[: loc.dim() - unconstrained_event_dim(prior)]
 
 
 def flatten_to(x: torch.Tensor, batch_shape: torch.Size, name: str) -> torch.Tensor:

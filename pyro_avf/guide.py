@@ -64,7 +64,16 @@ class IterativeGuide(GuideMessenger, nn.Module):
     :param int hidden_size: units per hidden layer of the update networks.
     :param float lr: step size of ``"sgd"`` / ``"adam"``; initial step of ``"learned_sgd"``.
     :param float lr_decay: γ in :math:`\eta_k = \eta/(1+k)^\gamma` for ``"sgd"`` / ``"adam"``.
-    :param int num_samples: Monte-Carlo samples per inference-gradient estimate.
+    :param int num_samples: Monte-Carlo samples per inference-gradient estimate (re-runs of the step per
+        iteration). Default: 2, one antithetic pair, with gradient encoding; 1 (the AVF paper's single sample,
+        about a third faster) with error encoding, whose network reads the prediction errors of one draw (with
+        a pair, the error-encoded Gaussian VAE of ``tutorials/04_static_vae.ipynb`` diverged: 490 nats/image at
+        the prior, 3,934 after 3 iterations, against 149 and -666 with one sample).
+    :param bool antithetic: draw the samples in antithetic pairs :math:`z = T(\mu \pm L\varepsilon)` (default).
+        For a likelihood quadratic in z (linear-Gaussian) the pair's gradient with respect to μ is exact; on
+        the LG-SSM of ``benchmarks/inference_quality.py`` the default guide's gap to the best diagonal step
+        posterior after 600 SVI steps is 0.011 nats/step with the pair against 0.164 with one sample and 0.12
+        with two independent samples.
     :param str posterior: the family of the step posteriors: ``"diagonal"`` (default) :math:`\mathcal{N}(\mu,
         \operatorname{diag}\sigma^2)` per site, or ``"full"``: a full-covariance
         :math:`\mathcal{N}(\mu, L L^\top)` for every vector-Normal site of a step (``Normal(...).to_event(1)``,
@@ -121,7 +130,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
         hidden_size: int = 256,
         lr: float = 0.1,
         lr_decay: float = 0.0,
-        num_samples: int = 1,
+        num_samples: Optional[int] = None,
+        antithetic: bool = True,
         posterior: str = "diagonal",
         init_scale: float = 0.1,
         name: str = "avf",
@@ -130,6 +140,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
         GuideMessenger.__init__(self, model)
         if not isinstance(num_iterations, int) or isinstance(num_iterations, bool) or num_iterations < 0:
             raise ValueError(f"num_iterations must be a non-negative integer, got {num_iterations!r}")
+        if num_samples is None:
+            num_samples = 1 if getattr(encoding, "signal", encoding) == "error" else 2
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         self.update_rule = update_rule(update, encoding, encode_observation, networks, hidden_size, lr, lr_decay)
@@ -137,7 +149,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
         self.update_nets = UpdateNetworks() if nets is None else nets
         self.update_nets.prefix = f"{name}_update_"
         self.posterior_family = check_family(posterior)
-        self.inference = StepInference(num_iterations, self.update_rule, num_samples, self.posterior_family)
+        self.inference = StepInference(num_iterations, self.update_rule, num_samples, self.posterior_family,
+                                       antithetic=antithetic)
         self.num_iterations, self.num_samples, self.init_scale = num_iterations, num_samples, init_scale
         self.update = getattr(self.update_rule, "form", update)
         self.encoding, self.encode_observation = encoding, encode_observation

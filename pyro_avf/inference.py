@@ -50,6 +50,7 @@ from pyro_avf.posterior import (
     check_family,
     normal_parameters,
     prior_lambda,
+    reparameterized_draw,
     site_posterior,
     unconstrained_event_dim,
     unwrap,
@@ -162,10 +163,13 @@ class StepRun(Messenger):
     """
 
     def __init__(self, ctx: StepContext, lambdas: Optional[List[Lambda]], kl_weight: float = 1.0,
-                 family: str = "diagonal", check: bool = True):  # fmt: skip
+                 family: str = "diagonal", check: bool = True, antithetic: Optional[list] = None,
+                 keep_noise: bool = False):  # fmt: skip
         super().__init__()
         self.ctx, self.family, self.check = ctx, family, check
         self.lambdas = lambdas
+        self.antithetic = antithetic  # the noise of an earlier run's slots, drawn here negated
+        self.noise: Optional[list] = [] if keep_noise or antithetic is not None else None
         self.draws = JointDraws(family)
         self.latents: List[LatentRecord] = []
         self.observations: List[ObservedRecord] = []
@@ -195,7 +199,13 @@ class StepRun(Messenger):
                           preceding=self.draws.preceding)  # fmt: skip
         cond = self.draws.condition(lam, fn)
         q = site_posterior(cond, fn)
-        z = q.rsample()
+        if self.noise is None:
+            z = q.rsample()
+        else:  # explicit noise: ε kept for an antithetic partner, or −ε of the partner's
+            i = len(self.latents)
+            eps = -self.antithetic[i] if self.antithetic is not None else torch.randn_like(_noise_like(cond))
+            self.noise.append(eps)
+            z = reparameterized_draw(cond, fn, eps)
         self.draws.add(z)
         msg["value"], msg["done"] = z, True
         self.latents.append(LatentRecord(name, fn, lam, z, msg["mask"], None if cond is lam else cond))
@@ -258,9 +268,10 @@ class StepResult:
     final_terms: Optional[Terms] = None
 
     def record(self, runs: List[StepRun], lambdas: List[Lambda]) -> None:
+        """Keep iteration k's λ and the terms of its first run (the one whose draw the initial λ₀ of a slot
+        under another slot was taken from: at k = 0 every slot's KL is then exactly 0, the prior prediction)."""
         for name in ("free_energy", "kl", "reconstruction"):
-            values = [getattr(r.terms, name).detach() for r in runs]
-            getattr(self, name).append(values[0] if len(values) == 1 else sum(values) / len(values))
+            getattr(self, name).append(getattr(runs[0].terms, name).detach())
         self.lambdas.append(detached(lambdas))
 
 
@@ -275,17 +286,22 @@ def add_surrogate(total: Optional[torch.Tensor], params: List[torch.Tensor], gra
 
 
 class StepInference:
-    """K inference iterations of one step (see the module docstring).
+    r"""K inference iterations of one step (see the module docstring).
 
     :param int num_iterations: K.
     :param update: the update rule (see :mod:`pyro_avf.updates`).
     :param int num_samples: Monte-Carlo samples per gradient estimate.
     :param str family: the step posteriors' family, ``"diagonal"``, ``"full"`` or ``"joint"`` (see
         :mod:`pyro_avf.posterior`).
+    :param bool antithetic: draw the samples in antithetic pairs, :math:`z = T(\mu + L\varepsilon)` and
+        :math:`z' = T(\mu - L\varepsilon)`: for a likelihood quadratic in z (linear-Gaussian) the pair's
+        gradient with respect to μ is exact.
     """
 
-    def __init__(self, num_iterations: int, update, num_samples: int = 1, family: str = "diagonal"):
+    def __init__(self, num_iterations: int, update, num_samples: int = 1, family: str = "diagonal",
+                 antithetic: bool = False):  # fmt: skip
         self.num_iterations, self.update, self.num_samples = num_iterations, update, num_samples
+        self.antithetic = antithetic
         self.family = check_family(family)
         self.slots: Dict[int, tuple] = {}  # slot index -> (first site name, unconstrained event shape)
 
@@ -322,9 +338,11 @@ class StepInference:
         nets = self.update.nets
         return nets.registered if nets.registered is not None else list(nets.parameters())
 
-    def _run(self, result: StepResult, fn, args, kwargs, ctx, lambdas, kl_weight) -> StepRun:
+    def _run(self, result: StepResult, fn, args, kwargs, ctx, lambdas, kl_weight,
+             partner: Optional[StepRun] = None, keep_noise: bool = False) -> StepRun:  # fmt: skip
         # the first run of a step checks its data and latent sites; the re-runs see the same sites
-        run = StepRun(ctx, lambdas, kl_weight, self.family, check=result.executions == 0)
+        run = StepRun(ctx, lambdas, kl_weight, self.family, check=result.executions == 0,
+                      antithetic=None if partner is None else partner.noise, keep_noise=keep_noise)  # fmt: skip
         try:
             with run:
                 fn(*args, **kwargs)
@@ -343,14 +361,17 @@ class StepInference:
         leaves: Optional[List[Lambda]] = None
         current: Optional[List[Lambda]] = None
         state = None
+        pairs_drawn = self.antithetic and self.num_samples > 1
         for k in range(self.num_iterations):
-            runs = [self._run(result, fn, args, kwargs, ctx, leaves, kl_weight)]
+            runs = [self._run(result, fn, args, kwargs, ctx, leaves, kl_weight, keep_noise=pairs_drawn)]
             if leaves is None:
                 leaves = current = runs[0].initial_lambdas
                 for i, rec in enumerate(runs[0].latents):
                     self.check_slot(i, rec.name, rec.lam[0], rec.prior)
                 state = self.update.start(leaves)
-            runs += [self._run(result, fn, args, kwargs, ctx, leaves, kl_weight) for _ in range(self.num_samples - 1)]
+            for j in range(1, self.num_samples):  # with antithetic pairs, every odd run mirrors the one before
+                partner = runs[j - 1] if pairs_drawn and j % 2 else None
+                runs.append(self._run(result, fn, args, kwargs, ctx, leaves, kl_weight, partner, pairs_drawn))
             if keep:  # online filtering keeps only the final numbers: constant memory per step
                 result.record(runs, leaves)
             flat = [p for lam in leaves for p in lam]
@@ -399,6 +420,12 @@ def _full(value: torch.Tensor, fn) -> torch.Tensor:
     such as vectorised particles)."""
     shape = fn.batch_shape + fn.event_shape
     return value if value.shape == shape else value.expand(torch.broadcast_shapes(value.shape, shape))
+
+
+def _noise_like(lam: Lambda) -> torch.Tensor:
+    """A tensor of the shape of the standard-normal noise of a draw from λ (loc and scale broadcast)."""
+    loc, log_scale = lam[0], lam[1]
+    return loc if loc.shape == log_scale.shape else loc.expand(torch.broadcast_shapes(loc.shape, log_scale.shape))
 
 
 def _shapes(tree) -> list:

@@ -348,6 +348,30 @@ def site_posterior(lam: Tuple[torch.Tensor, ...], prior: dist.Distribution) -> d
     return posterior(lam[0], lam[1], prior, lam[2] if len(lam) > 2 else None)
 
 
+def reparameterized_draw(lam: Tuple[torch.Tensor, ...], prior: dist.Distribution,
+                         noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    r"""The draw :math:`z = T(\mu + L\varepsilon)` of :func:`site_posterior` ``(lam, prior)`` for the given
+    standard-normal noise :math:`\varepsilon` (:math:`L = \operatorname{diag}\sigma` for a diagonal λ, :math:`T`
+    the bijection onto the prior's support): ``site_posterior(lam, prior).rsample()`` with the noise chosen, as
+    antithetic pairs :math:`(\varepsilon, -\varepsilon)` need.
+
+    Example::
+
+        >>> prior = dist.LogNormal(torch.zeros(2), 1.0)
+        >>> reparameterized_draw((torch.zeros(2), torch.zeros(2)), prior, torch.tensor([1.0, -1.0]))
+        tensor([2.7183, 0.3679])
+    """
+    if len(lam) > 2 and lam[2].size(-1):
+        tril = scale_tril(lam[1], lam[2])
+        u = lam[0] + (tril @ noise.unsqueeze(-1)).squeeze(-1)
+    else:
+        u = lam[0] + lam[1].exp() * noise
+    if _plain_normal(prior):
+        return u
+    transform = biject_to(prior.support)
+    return u if _is_identity(transform) else transform(u)
+
+
 def scale_tril(log_scale: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
     r"""The Cholesky factor :math:`L = \operatorname{diag}(e^{\log\sigma}) + \sum_{k} \ell_k e_{r_k} e_{c_k}^\top`,
     :math:`(r_k, c_k)` = ``torch.tril_indices(D, D, -1)``: shape ``batch + (D, D)`` from ``log_scale``

@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=1024, help="units per layer of the update networks")
     p.add_argument("--encode-observation", action="store_true", help="AVF: also feed x_t to the update network")
     p.add_argument("--inference-lr", type=float, default=0.1, help="step size of the em inference optimiser")
+    p.add_argument("--num-samples", type=int, default=1, help="avf, em: Monte-Carlo samples per inference "
+                   "gradient (1: the AVF paper's; the library's IterativeGuide defaults to an antithetic pair)")
+    p.add_argument("--antithetic", action="store_true", help="avf, em: draw the samples in antithetic pairs "
+                   "(with --num-samples 2: the library's default)")  # fmt: skip
     p.add_argument("--z-dim", type=int, default=None, help="latent size (None: the model's size for the data set)")
     p.add_argument("--model-size", type=int, default=None, help="width of every other model layer, the flows' conv "
                    "channels (None: the model's sizes for the data set; small values for tiny runs)")  # fmt: skip
@@ -319,7 +323,8 @@ def inference_options(args: argparse.Namespace) -> Dict[str, Any]:
     if args.inference == "baseline":
         return {"inference": "baseline", "elbo": TraceMeanField_ELBO(max_plate_nesting=1)}
     guide_kwargs = dict(num_iterations=args.iterations, update=args.update if args.inference == "avf" else "adam",
-                        hidden_size=args.hidden_size, lr=args.inference_lr, encode_observation=args.encode_observation)
+                        hidden_size=args.hidden_size, lr=args.inference_lr, encode_observation=args.encode_observation,
+                        num_samples=args.num_samples, antithetic=args.antithetic)  # fmt: skip
     return {"inference": args.inference, "guide_kwargs": guide_kwargs}
 
 

@@ -75,7 +75,8 @@ def test_no_model_replay_and_same_expected_loss_as_trace_elbo(K):
         elbo.loss(m.model, guide, xs)  # warm-up (Trace_ELBO guesses max_plate_nesting on its first call)
         pyro.set_rng_seed(7)
         losses[type(elbo).__name__] = torch.tensor([elbo.loss(m.model, guide, xs) for _ in range(60)])
-        assert guide.last_pass.step_executions == 5 * (K + 1)  # K + 1 runs per step, no replay
+        # per step K iterations of an antithetic pair (the default num_samples=2) and the final run, no replay
+        assert guide.last_pass.step_executions == 5 * (2 * K + 1)
     # the same seed draws the same samples: the paired difference is analytic KL minus its MC estimate
     diff = losses["AmortizedFilteringELBO"] - losses["Trace_ELBO"]
     assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(60) + 1e-4

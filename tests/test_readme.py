@@ -10,7 +10,7 @@ def test_readme_example_runs():
     code = "\n".join(line[4:] for line in block.splitlines())
     namespace = {}
     exec(compile(code, "README.rst", "exec"), namespace)
-    assert namespace["guide"].last_pass.step_executions == 50 * 6  # K + 1 runs per step, no replay
+    assert namespace["guide"].last_pass.step_executions == 50 * (5 * 2 + 1)  # K antithetic pairs + 1 run, no replay
 
 
 def test_readme_commands_match_ci():

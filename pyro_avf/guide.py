@@ -87,12 +87,13 @@ class IterativeGuide(GuideMessenger, nn.Module):
     :param str name: prefix of the guide's names in Pyro's param store (``{name}_update_slot0$$$...``,
         ``{name}_global.{site}.loc``); give guides that live side by side different names.
 
-    The defaults (``learned_sgd``, a bounded learned natural-gradient step, with the observation encoded) were
-    chosen with ``benchmarks/inference_quality.py``: with the README's optimiser, after 600 training steps on a
-    linear-Gaussian SSM 0.16 nats/step from the best diagonal step posterior (the gated highway update: 0.17;
-    per-step Adam with 200 iterations: 0.16), and on a predator-prey model with a poor prior prediction 0.18
-    from converged per-step Adam after 300 steps, where the highway update stayed at 19.6. ``update="highway"``
-    is the AVF paper's update.
+    The defaults (``learned_sgd``, a bounded learned natural-gradient step, with the observation encoded, and
+    an antithetic pair per iteration) were chosen with ``benchmarks/inference_quality.py``: with the README's
+    optimiser, after 600 training steps on a linear-Gaussian SSM 0.011 nats/step from the best diagonal step
+    posterior (one sample: 0.164; per-step Adam with 200 iterations and the pair: 0.031), on a two-level
+    coupled chain 0.036 from the best factorised one, and on a predator-prey model with a poor prior
+    prediction 0.18 from converged per-step Adam after 300 steps (one sample), where the highway update stayed
+    at 19.6. ``update="highway"`` is the AVF paper's update.
 
     The guide works with every Pyro workflow an AutoGuide does: ``SVI`` with
     :class:`~pyro_avf.AmortizedFilteringELBO`, ``Trace_ELBO`` or ``TraceMeanField_ELBO``; ``Predictive``; calls

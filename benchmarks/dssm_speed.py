@@ -306,17 +306,13 @@ def build_methods(seed: int) -> Dict[str, Method]:
     dssm = DSSM()
     methods: Dict[str, Method] = {}
 
-    avf_model = copy.deepcopy(dssm)
-    torch.manual_seed(seed + 1)
-    guide = pyro_avf.IterativeGuide(avf_model.model, num_iterations=1, num_samples=1)
-    svi = pyro.infer.SVI(avf_model.model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=pyro_avf.AmortizedFilteringELBO())
-    methods["avf_k1"] = PyroMethod("avf_k1", svi, {"params": {}, "constraints": {}})
-
-    pair_model = copy.deepcopy(dssm)
-    torch.manual_seed(seed + 1)
-    guide = pyro_avf.IterativeGuide(pair_model.model, num_iterations=1)
-    svi = pyro.infer.SVI(pair_model.model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=pyro_avf.AmortizedFilteringELBO())
-    methods["avf_k1_pair"] = PyroMethod("avf_k1_pair", svi, {"params": {}, "constraints": {}})
+    for name, guide_kwargs in (("avf_k1", {"num_samples": 1}), ("avf_k1_pair", {})):  # {}: the default pair
+        avf_model = copy.deepcopy(dssm)
+        torch.manual_seed(seed + 1)
+        guide = pyro_avf.IterativeGuide(avf_model.model, num_iterations=1, **guide_kwargs)
+        elbo = pyro_avf.AmortizedFilteringELBO()
+        svi = pyro.infer.SVI(avf_model.model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=elbo)
+        methods[name] = PyroMethod(name, svi, {"params": {}, "constraints": {}})
 
     hw_model = copy.deepcopy(dssm)
     torch.manual_seed(seed + 1)

@@ -66,9 +66,10 @@ class IterativeGuide(GuideMessenger, nn.Module):
     :param float lr_decay: γ in :math:`\eta_k = \eta/(1+k)^\gamma` for ``"sgd"`` / ``"adam"``.
     :param int num_samples: Monte-Carlo samples per inference-gradient estimate (re-runs of the step per
         iteration). Default: 2, one antithetic pair, with gradient encoding; 1 (the AVF paper's single sample,
-        about a third faster) with error encoding, whose network reads the prediction errors of one draw (with
-        a pair, the error-encoded Gaussian VAE of ``tutorials/04_static_vae.ipynb`` diverged: 490 nats/image at
-        the prior, 3,934 after 3 iterations, against 149 and -666 with one sample).
+        1.2-1.4x faster per training step in ``benchmarks/speed.py``) with error encoding, whose network reads
+        the prediction errors of one draw (with a pair, the error-encoded Gaussian VAE of
+        ``tutorials/04_static_vae.ipynb`` diverged: 490 nats/image at the prior, 3,934 after 3 iterations,
+        against 149 and -666 with one sample).
     :param bool antithetic: draw the samples in antithetic pairs :math:`z = T(\mu \pm L\varepsilon)` (default).
         For a likelihood quadratic in z (linear-Gaussian) the pair's gradient with respect to μ is exact; on
         the LG-SSM of ``benchmarks/inference_quality.py`` the default guide's gap to the best diagonal step

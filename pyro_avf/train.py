@@ -119,6 +119,9 @@ INFERENCES = ("avf", "baseline", "em", "autonormal")
 # stops (a run is resumed with a larger --epochs or another --max-minutes); every other option is in run_config
 NOT_CONFIG = ("data_dir", "download", "out_dir", "resume", "overwrite", "threads", "max_minutes", "epochs",
               "no_plots", "simulate_kill_after", "preset")  # fmt: skip
+#: Options added after runs were made, left out of :func:`run_config` at their default so those runs keep their
+#: folder and can resume.
+ADDED_LATER = {"min_lr": 0.0}
 
 
 class SimulatedKill(SystemExit):
@@ -239,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-drop-patience", type=int, default=None, help="with --valid-every: multiply the learning "
                    "rate by the drop factor each time this many validations in a row do not improve (None: never)")
     p.add_argument("--lr-drop-factor", type=float, default=0.1, help="the factor of each learning-rate drop")
+    p.add_argument("--min-lr", type=float, default=0.0, help="the floor of the learning-rate drops (0: none)")
     p.add_argument("--max-valid-songs", type=int, default=None, help="validate on the first N validation songs only "
                    "(None: all)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
@@ -286,6 +290,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--weight-decay must be a non-negative number, got {args.weight_decay}")
     if not 0 < args.lr_drop_factor < 1:
         parser.error(f"--lr-drop-factor must be in (0, 1), got {args.lr_drop_factor}")
+    if not (math.isfinite(args.min_lr) and 0 <= args.min_lr <= args.lr):
+        parser.error(f"--min-lr must be a number in [0, --lr={args.lr}], got {args.min_lr}")
     if (args.patience or args.lr_drop_patience) and not args.valid_every:
         parser.error("--patience and --lr-drop-patience count validations: pass --valid-every too")
     if not 0 < args.lr_decay <= 1:
@@ -345,6 +351,7 @@ def run_config(args: argparse.Namespace) -> Dict[str, Any]:
     """The settings that change a run's results (every option but :data:`NOT_CONFIG`; a preset counts by the
     values it sets): the run's identity, stored in ``config.json`` and hashed into the default folder name."""
     unused = set(NOT_CONFIG) | set(experiments.unused_options(args))  # other data sets' options
+    unused |= {k for k, default in ADDED_LATER.items() if getattr(args, k) == default}
     return {k: v for k, v in sorted(vars(args).items()) if k not in unused}
 
 
@@ -414,7 +421,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             batches_per_epoch=args.max_train_batches, kl_anneal_epochs=args.kl_anneal_epochs,
             kl_anneal_power=args.kl_anneal_power,
             valid_every=args.valid_every or 1, patience=args.patience, lr_drop_patience=args.lr_drop_patience,
-            lr_drop_factor=args.lr_drop_factor, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+            lr_drop_factor=args.lr_drop_factor, min_lr=args.min_lr, eval_every=args.eval_every,
+            eval_batch_size=args.eval_batch_size,
             stream=experiments.stream_for(model), max_minutes=args.max_minutes, out_dir=out_dir,
             resume=args.resume, overwrite=args.overwrite, config=run_config(args), plots=not args.no_plots,
             columns=columns, seed=args.seed, device=resolve_device(args.device),

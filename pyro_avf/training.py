@@ -165,6 +165,7 @@ def fit(
     patience: Optional[int] = None,
     lr_drop_patience: Optional[int] = None,
     lr_drop_factor: float = 0.1,
+    min_lr: float = 0.0,
     eval_every: int = 1,
     eval_batch_size: int = 16,
     stream: Stream = None,
@@ -194,6 +195,8 @@ def fit(
         ``eval_every`` epochs and at the end), in batches of ``eval_batch_size``.
     :param lr_drop_patience: multiply the learning rate by ``lr_drop_factor`` each time this many validations in
         a row have not improved on the best (None: never); against the over-fitting after the validation peak.
+        Each drop stops at the floor ``min_lr`` (0: none), η ← max(f η, min_lr) with f = ``lr_drop_factor``, so
+        a long plateau cannot shrink the rate until training stalls.
     :param int epochs: train until this many epochs are done (a resumed run counts its earlier ones).
     :param int batch_size: sequences per optimiser step (the global batch under torchrun).
     :param crop_length: steps per random training crop (None: whole sequences).
@@ -235,6 +238,8 @@ def fit(
         raise ValueError(f"max_minutes must be positive, got {max_minutes}")
     if not 0 < lr_drop_factor < 1:
         raise ValueError(f"lr_drop_factor must be in (0, 1), got {lr_drop_factor!r}")
+    if not (isinstance(min_lr, (int, float)) and 0 <= min_lr <= lr):
+        raise ValueError(f"min_lr must be a number in [0, lr={lr}], got {min_lr!r}")
     if (resume or overwrite) and out_dir is None:
         raise ValueError("resume and overwrite need out_dir, the run folder")
     if resume and overwrite:
@@ -253,6 +258,7 @@ def fit(
                                     "kl_anneal_power": kl_anneal_power,
                                     "valid_every": valid_every, "patience": patience, "eval_every": eval_every,
                                     "lr_drop_patience": lr_drop_patience, "lr_drop_factor": lr_drop_factor,
+                                    **({"min_lr": min_lr} if min_lr else {}),  # older runs' configs lack it
                                     "eval_batch_size": eval_batch_size, "seed": seed,
                                     **{f"{k}_data": f"{len(d)} sequences, {d.steps} steps" for k, d in data.items()}})
     dist = Dist()
@@ -397,7 +403,9 @@ class _Run:
                     row.update(self._validate(done))
                     drop = o.lr_drop_patience
                     if drop is not None and self.stale and self.stale % drop == 0:  # kept by the checkpoint
-                        self.trainer.scale_lr(o.lr_drop_factor)
+                        current = self.trainer.lr
+                        if current > o.min_lr:
+                            self.trainer.scale_lr(max(o.lr_drop_factor, o.min_lr / current))
                     if o.patience is not None and self.stale >= o.patience and not last:
                         stop_reason, last = "patience", True
                 evaluated = done % o.eval_every == 0 or last

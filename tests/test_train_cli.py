@@ -415,6 +415,17 @@ def test_the_cpu_preset_sets_its_options_and_explicit_options_win():
         train.parse_args(train.build_parser(), ["--preset", "fast"])
 
 
+def test_min_lr_enters_the_run_config_only_when_set_and_is_checked(capsys):
+    default = train.parse_args(train.build_parser(), [])
+    floored = train.parse_args(train.build_parser(), ["--min-lr", "1e-6"])
+    assert "min_lr" not in train.run_config(default)  # the folders of runs made before the option stay theirs
+    assert train.run_config(floored)["min_lr"] == 1e-6
+    parser = train.build_parser()
+    with pytest.raises(SystemExit):
+        train.check_args(parser, train.parse_args(parser, ["--lr", "1e-4", "--min-lr", "1e-3"]))
+    assert "--min-lr must be a number in [0, --lr" in capsys.readouterr().err
+
+
 def test_device_auto_runs_where_it_can_and_cuda_without_a_gpu_is_refused(tmp_path, capsys):
     has_gpu = torch.cuda.is_available()
     assert train.resolve_device("auto").type == ("cuda" if has_gpu else "cpu")

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import memory  # noqa: E402
 import music  # noqa: E402
+import music_curves  # noqa: E402
 import plain_torch_srnn_avf as plain  # noqa: E402
 import speed  # noqa: E402
 import svg  # noqa: E402
@@ -153,6 +154,27 @@ def test_music_table_has_both_normalisations_and_resumes_unfinished_runs(tmp_pat
     assert table.groupby("inference")["updates"].max().to_dict() == {"avf": 2, "baseline": 1}
     lines = music.markdown(table).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| jsb_chorales | avf_k1 | 0 | 2 |") and lines[2].endswith("6.97 |")
+
+
+def test_music_curves_find_the_best_epoch_and_the_gain_of_the_last_quarter(tmp_path):
+    epochs = list(range(1, 21))
+    valid = [None if e % 5 else v for e, v in zip(epochs, [0] * 4 + [9.0] + [0] * 4 + [8.0] + [0] * 4 + [8.5]
+                                                    + [0] * 4 + [7.6])]  # validated every 5 epochs
+    pd.DataFrame({"epoch": epochs, "epoch_valid_free_energy_per_step": valid}).to_csv(
+        tmp_path / "srnn-piano_midi-avf_k5-seed1-e400.csv", index=False)
+    flat = [None if e % 5 else 7.0 for e in epochs]
+    pd.DataFrame({"epoch": epochs, "epoch_valid_free_energy_per_step": flat}).to_csv(
+        tmp_path / "srnn-piano_midi-baseline-seed0.csv", index=False)
+    out = tmp_path / "curves.png"
+    table = music_curves.main([str(p) for p in sorted(tmp_path.glob("*.csv"))] + ["--out", str(out)])
+    rows = table.set_index("method")
+    assert rows.loc["avf_k5", ["best", "best_epoch", "seed", "tag"]].tolist() == [7.6, 20, 1, "e400"]
+    assert rows.loc["avf_k5", "last_quarter_gain"] == pytest.approx(0.4)  # best by epoch 15: 8.0
+    assert rows.loc["baseline", "last_quarter_gain"] == 0.0 and rows.loc["baseline", "tag"] == ""
+    assert out.stat().st_size > 10_000
+    (tmp_path / "bad.csv").write_text("epoch\n1\n")
+    with pytest.raises(ValueError, match="expected srnn-"):
+        music_curves.summarise(tmp_path / "bad.csv")
 
 
 def test_svg_learning_curves_at_equal_steps(tmp_path):

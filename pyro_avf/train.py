@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-drop-patience", type=int, default=None, help="with --valid-every: multiply the learning "
                    "rate by the drop factor each time this many validations in a row do not improve (None: never)")
     p.add_argument("--lr-drop-factor", type=float, default=0.1, help="the factor of each learning-rate drop")
-    p.add_argument("--min-lr", type=float, default=0.0, help="the floor of the learning-rate drops (0: none)")
+    p.add_argument("--min-lr", type=float, default=0.0,
+                   help="the floor of the learning rate, under both the decay and the drops (0: none)")
     p.add_argument("--max-valid-songs", type=int, default=None, help="validate on the first N validation songs only "
                    "(None: all)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")

@@ -301,6 +301,11 @@ class Trainer:
         if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
             self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
 
+    def floor_lr(self, min_lr: float) -> None:
+        """Raise every parameter group's learning rate to at least ``min_lr`` (for the next step on)."""
+        for group in self.optimizer.param_groups if self.optimizer is not None else []:
+            group["lr"] = max(group["lr"], min_lr)
+
     def end_epoch(self) -> None:
         """Step the learning-rate schedule (once per epoch)."""
         if self.scheduler is not None:

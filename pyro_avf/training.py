@@ -195,8 +195,8 @@ def fit(
         ``eval_every`` epochs and at the end), in batches of ``eval_batch_size``.
     :param lr_drop_patience: multiply the learning rate by ``lr_drop_factor`` each time this many validations in
         a row have not improved on the best (None: never); against the over-fitting after the validation peak.
-        Each drop stops at the floor ``min_lr`` (0: none), η ← max(f η, min_lr) with f = ``lr_drop_factor``, so
-        a long plateau cannot shrink the rate until training stalls.
+    :param min_lr: the floor of the learning rate (0: none): after every epoch's schedule step and every drop,
+        η ← max(η, ``min_lr``), so that neither a long plateau nor the schedule's decay stalls training.
     :param int epochs: train until this many epochs are done (a resumed run counts its earlier ones).
     :param int batch_size: sequences per optimiser step (the global batch under torchrun).
     :param crop_length: steps per random training crop (None: whole sequences).
@@ -238,8 +238,8 @@ def fit(
         raise ValueError(f"max_minutes must be positive, got {max_minutes}")
     if not 0 < lr_drop_factor < 1:
         raise ValueError(f"lr_drop_factor must be in (0, 1), got {lr_drop_factor!r}")
-    if not (isinstance(min_lr, (int, float)) and 0 <= min_lr <= lr):
-        raise ValueError(f"min_lr must be a number in [0, lr={lr}], got {min_lr!r}")
+    if not (isinstance(min_lr, (int, float)) and math.isfinite(min_lr) and min_lr >= 0):
+        raise ValueError(f"min_lr must be a non-negative number, got {min_lr!r}")
     if (resume or overwrite) and out_dir is None:
         raise ValueError("resume and overwrite need out_dir, the run folder")
     if resume and overwrite:
@@ -268,7 +268,10 @@ def fit(
         pyro.clear_param_store()
         if device is not None and isinstance(model, torch.nn.Module):
             model.to(device)
-        return _Run(Trainer(model, **settings), data, dist, options).run()
+        trainer = Trainer(model, **settings)
+        if min_lr > trainer.lr:
+            raise ValueError(f"min_lr {min_lr} is above the initial learning rate {trainer.lr}: it would raise it")
+        return _Run(trainer, data, dist, options).run()
     finally:
         dist.close()
 
@@ -392,6 +395,7 @@ class _Run:
                 lr, started, cpu_started = self.trainer.lr, time.monotonic(), time.process_time()
                 loss_sum, step_sum, out_of_time = self._train_epoch(progress, deadline)
                 self.trainer.end_epoch()
+                self.trainer.floor_lr(o.min_lr)
                 self.wall += time.monotonic() - started
                 self.cpu += time.process_time() - cpu_started
                 done = epoch + 1
@@ -403,9 +407,8 @@ class _Run:
                     row.update(self._validate(done))
                     drop = o.lr_drop_patience
                     if drop is not None and self.stale and self.stale % drop == 0:  # kept by the checkpoint
-                        current = self.trainer.lr
-                        if current > o.min_lr:
-                            self.trainer.scale_lr(max(o.lr_drop_factor, o.min_lr / current))
+                        self.trainer.scale_lr(o.lr_drop_factor)
+                        self.trainer.floor_lr(o.min_lr)
                     if o.patience is not None and self.stale >= o.patience and not last:
                         stop_reason, last = "patience", True
                 evaluated = done % o.eval_every == 0 or last

@@ -167,17 +167,21 @@ def test_the_learning_rate_drops_after_validations_without_improvement_and_resum
         training.fit(fresh(), TRAIN, lr_drop_factor=1.5, **SMALL)
 
 
-def test_min_lr_is_the_floor_of_the_learning_rate_drops(monkeypatch):
+def test_min_lr_is_the_floor_of_the_learning_rate_under_drops_and_schedule(monkeypatch):
     curve = iter([5.0, 5.5, 5.5, 5.5, 5.5])  # never improves after the first validation
     monkeypatch.setattr(training, "score_batches",
                         lambda *args, **kwargs: FreeEnergy.from_sums(10 * next(curve), 10, 0.0, 1))  # fmt: skip
-    options = {**SMALL, "lr": 1e-2}
+    options = {**SMALL, "lr": 1e-2, "plots": False}
     result = training.fit(fresh(), TRAIN, epochs=5, valid_data=VALID, lr_drop_patience=1, lr_drop_factor=0.1,
-                          min_lr=3e-4, plots=False, **options)  # fmt: skip
+                          min_lr=3e-4, **options)  # fmt: skip
     assert result.history["lr"].tolist() == pytest.approx([1e-2, 1e-2, 1e-3, 3e-4, 3e-4])
     assert result.trainer.lr == pytest.approx(3e-4)
-    with pytest.raises(ValueError, match="min_lr"):
-        training.fit(fresh(), TRAIN, min_lr=1.0, **SMALL)  # above lr
+    decayed = training.fit(fresh(), TRAIN, epochs=4, lr_schedule=lambda epoch: 0.1**epoch, min_lr=3e-4, **options)
+    assert decayed.history["lr"].tolist() == pytest.approx([1e-2, 1e-3, 3e-4, 3e-4])
+    with pytest.raises(ValueError, match="min_lr 1.0 is above the initial learning rate"):
+        training.fit(fresh(), TRAIN, min_lr=1.0, **SMALL)
+    with pytest.raises(ValueError, match="min_lr must be a non-negative number"):
+        training.fit(fresh(), TRAIN, min_lr=-1.0, **SMALL)
 
 
 def test_the_time_budget_ends_the_run_after_the_batch_under_way():

@@ -299,9 +299,9 @@ class PlainMethod(Method):
         return self.loss_fn(xs, mask).item()
 
 
-def build_methods(seed: int) -> Dict[str, Method]:
+def build_methods(seed: int, update_hidden: int = UPDATE_HIDDEN) -> Dict[str, Method]:
     """All five methods with the same DSSM weights at the start (from ``seed``); the filter (both versions) and
-    the plain update network from ``seed + 1``."""
+    the plain update network from ``seed + 1``; both AVF versions' update networks ``update_hidden`` wide."""
     torch.manual_seed(seed)
     dssm = DSSM()
     methods: Dict[str, Method] = {}
@@ -309,7 +309,7 @@ def build_methods(seed: int) -> Dict[str, Method]:
     for name, guide_kwargs in (("avf_k1", {"num_samples": 1}), ("avf_k1_pair", {})):  # {}: the default pair
         avf_model = copy.deepcopy(dssm)
         torch.manual_seed(seed + 1)
-        guide = pyro_avf.IterativeGuide(avf_model.model, num_iterations=1, **guide_kwargs)
+        guide = pyro_avf.IterativeGuide(avf_model.model, num_iterations=1, hidden_size=update_hidden, **guide_kwargs)
         elbo = pyro_avf.AmortizedFilteringELBO()
         svi = pyro.infer.SVI(avf_model.model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=elbo)
         methods[name] = PyroMethod(name, svi, {"params": {}, "constraints": {}})
@@ -325,7 +325,7 @@ def build_methods(seed: int) -> Dict[str, Method]:
     plain_avf_model = copy.deepcopy(dssm)
     torch.manual_seed(seed + 1)
     # the network IterativeGuide builds by default: update="learned_sgd", gradient encoding with the observation
-    update = UpdateNetwork(dim=Z_DIM, form="learned_sgd", obs_dim=X_DIM, hidden=UPDATE_HIDDEN)
+    update = UpdateNetwork(dim=Z_DIM, form="learned_sgd", obs_dim=X_DIM, hidden=update_hidden)
     methods["plain_avf_k1"] = PlainMethod("plain_avf_k1", lambda xs, mask: plain_avf_k1_loss(plain_avf_model, update,
                                           xs, mask), [plain_avf_model, update])  # fmt: skip
 
@@ -335,13 +335,13 @@ def build_methods(seed: int) -> Dict[str, Method]:
     return methods
 
 
-def check_losses(seed: int, xs: Tensor, mask: Tensor) -> dict:
+def check_losses(seed: int, xs: Tensor, mask: Tensor, update_hidden: int = UPDATE_HIDDEN) -> dict:
     """Each plain method's loss on ``xs`` against its library counterpart's, from fresh methods with the same
     weights (the library's update network, built by one untimed call, copied into the plain one) and the same
     seed before each loss: first from the initial weights, then after one training step of each on ``xs`` (at
     initialisation the learned_sgd network's output layers are zero, so only the second value depends on the
     update network's hidden layers and on the gradients that reach them)."""
-    methods = build_methods(seed)
+    methods = build_methods(seed, update_hidden)
     lib_avf, plain_avf = methods["avf_k1"], methods["plain_avf_k1"]
     assert isinstance(lib_avf, PyroMethod) and isinstance(plain_avf, PlainMethod)
     lib_avf.loss_value(xs, mask)  # builds the library's update network
@@ -424,9 +424,9 @@ def sanity_line(summaries: List[dict]) -> str:
 
 
 def run(batch_size: int, length: int, reps: int, warmup: int, seed: int,
-        progress: Callable[[str], None] = print) -> dict:  # fmt: skip
+        progress: Callable[[str], None] = print, update_hidden: int = UPDATE_HIDDEN) -> dict:  # fmt: skip
     """Build every method afresh and time them at one batch size."""
-    methods = build_methods(seed)
+    methods = build_methods(seed, update_hidden)
     batches = [jsb_crops(batch_size, length, seed=seed + i) for i in range(4)]
     start = time.perf_counter()
     times = measure(methods, batches, reps, warmup, seed)
@@ -443,6 +443,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the summary here")
     p.add_argument("--no-check", action="store_true", help="skip the plain-vs-library loss check")
+    p.add_argument("--update-hidden", type=int, default=UPDATE_HIDDEN,
+                   help="width of the AVF update networks, library and plain (default: the guide's default)")
     args = p.parse_args(argv)
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
@@ -451,14 +453,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
     check: Optional[dict] = None
     if not args.no_check:
         b = args.batch_sizes[0]
-        check = check_losses(args.seed, *jsb_crops(b, args.crop_length, seed=args.seed))
+        check = check_losses(args.seed, *jsb_crops(b, args.crop_length, seed=args.seed), args.update_hidden)
         print(check_line(check, b))
         pyro.set_rng_seed(args.seed)
-    summaries = [run(b, args.crop_length, args.reps, args.warmup, args.seed) for b in args.batch_sizes]
+    summaries = [run(b, args.crop_length, args.reps, args.warmup, args.seed, update_hidden=args.update_hidden)
+                 for b in args.batch_sizes]
     print(markdown(summaries))
     print(sanity_line(summaries))
     summary = {"benchmark": "dssm_speed", "crop_length": args.crop_length, "warmup": args.warmup,
-               "seed": args.seed, "threads": torch.get_num_threads(), "check": check, "results": summaries}  # fmt: skip
+               "seed": args.seed, "update_hidden": args.update_hidden, "threads": torch.get_num_threads(),
+               "check": check, "results": summaries}  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return summary

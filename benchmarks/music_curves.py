@@ -57,7 +57,8 @@ def plot(runs: List[dict], out: Path) -> None:
     for ax, dataset in zip(axes[0], datasets):
         for r in sorted((r for r in runs if r["dataset"] == dataset), key=lambda r: (r["method"], r["seed"], r["tag"])):
             label = f"{r['method']} seed {r['seed']}" + (f" ({r['tag']})" if r["tag"] else "")
-            (line,) = ax.plot(r["curve"][:, 0], r["curve"][:, 1], label=label, lw=1.2)
+            style = "--" if r["tag"] else "-"  # a tagged run (another schedule) dashed over its untagged twin
+            (line,) = ax.plot(r["curve"][:, 0], r["curve"][:, 1], style, label=label, lw=1.2)
             ax.plot([r["best_epoch"]], [r["best"]], "o", color=line.get_color())
         values = [v for r in runs if r["dataset"] == dataset for v in r["curve"][:, 1]]
         low = min(values)

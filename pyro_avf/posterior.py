@@ -118,11 +118,24 @@ def _is_identity(t: Transform) -> bool:
 
 
 def normal_parameters(prior: dist.Distribution) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """``(loc, scale)`` of a prior that is Normal in its unconstrained space (Normal, LogNormal), else None."""
+    """``(loc, scale)`` of a prior that is Normal in its unconstrained space (Normal, LogNormal), else None.
+
+    Both in one dtype, the promoted one: a model may build ``Normal(loc, scale)`` from a float64 state and a
+    float32 parameter, which torch accepts (its log-density promotes), and so must the posterior built from them.
+
+    Example::
+
+        >>> [p.dtype for p in normal_parameters(dist.Normal(torch.zeros(2, dtype=torch.float64), torch.ones(2)))]
+        [torch.float64, torch.float64]
+    """
     base, _ = unwrap(prior)
     if type(base) in (dist.Normal, torch.distributions.Normal, dist.LogNormal, torch.distributions.LogNormal):
         shape = prior.batch_shape + prior.event_shape
-        return base.loc.expand(shape), base.scale.expand(shape)
+        loc, scale = base.loc.expand(shape), base.scale.expand(shape)
+        if loc.dtype != scale.dtype:
+            dtype = torch.promote_types(loc.dtype, scale.dtype)
+            loc, scale = loc.to(dtype), scale.to(dtype)
+        return loc, scale
     return None
 
 

@@ -421,6 +421,29 @@ def test_float64_model_trains(make, loss):
     assert torch.get_default_dtype() == torch.float32
 
 
+@pyro_avf.filtering_step
+def mixed_dtype_step(t, z_prev, x_t):
+    scale = pyro.param("scale", torch.tensor(0.5), constraint=dist.constraints.positive)  # float32
+    z = pyro.sample(f"z_{t}", dist.Normal(0.9 * z_prev, scale).to_event(1))  # float64 loc, float32 scale
+    pyro.sample(f"x_{t}", dist.Normal(z, R).to_event(1), obs=x_t)
+    return z
+
+
+def mixed_dtype_model(xs):
+    run_steps(mixed_dtype_step, xs)
+
+
+@pytest.mark.parametrize("update", ["learned_sgd", "highway"])
+def test_a_float32_parameter_in_a_float64_model_trains(update):
+    # torch promotes Normal(float64, float32) in its log-density; the guide must accept it too
+    xs = data(dtype=torch.float64)
+    guide = IterativeGuide(mixed_dtype_model, num_iterations=2, hidden_size=16, update=update)
+    svi = SVI(mixed_dtype_model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=AmortizedFilteringELBO())
+    for _ in range(2):
+        assert math.isfinite(svi.step(xs))
+    assert guide(xs)["z_0"].dtype == torch.float64
+
+
 # ----- 7. an empty time dimension -----
 
 

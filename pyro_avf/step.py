@@ -19,6 +19,7 @@ from pyro.poutine.markov_messenger import MarkovMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, Message, am_i_wrapped, apply_stack
 from pyro.poutine.util import site_is_subsample
+from torch.utils._pytree import tree_leaves
 
 STEP_TYPE = "filtering_step"
 
@@ -122,9 +123,13 @@ def check_not_in_markov_loop(name: str, stack) -> None:
 
 
 def has_filtering_step(model, *args, **kwargs) -> bool:
-    """Whether ``model(*args, **kwargs)`` calls a :func:`filtering_step` (run once, blocked, without gradients)."""
+    """Whether ``model(*args, **kwargs)`` calls a :func:`filtering_step` (run once, blocked, without gradients,
+    on a forked random stream: the draws of the sites before the first step do not shift the caller's samples,
+    so a fresh guide restored from the param store gives the loss of the guide it was saved from)."""
+    cuda = sorted({v.device for v in tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor) and v.is_cuda},
+                  key=str)  # fmt: skip
     try:
-        with pyro.poutine.block(), torch.no_grad(), StepDetector():
+        with torch.random.fork_rng(devices=cuda), pyro.poutine.block(), torch.no_grad(), StepDetector():
             model(*args, **kwargs)
     except StepDetector.Found:
         return True

@@ -179,6 +179,39 @@ def test_torch_save_right_after_svi_steps(tmp_path):
     assert seeded_loss(restored, xs) == pytest.approx(reference, rel=1e-6)
 
 
+@pyro_avf.filtering_step
+def global_noise_step(t, z_prev, x_t, noise):
+    z = pyro.sample(f"z_{t}", dist.Normal(A * z_prev, Q).to_event(1))
+    pyro.sample(f"x_{t}", dist.Normal(z, noise).to_event(1), obs=x_t)
+    return z
+
+
+def global_noise_model(xs):
+    """A global latent drawn before the first step (finding the step runs the model up to it)."""
+    noise = pyro.sample("noise", dist.LogNormal(math.log(R), 0.5))
+    with pyro.plate("sequences", xs.size(0)):
+        z = xs.new_zeros(xs.size(0), xs.size(2))
+        for t in pyro.markov(range(xs.size(1))):
+            z = global_noise_step(t, z, xs[:, t], noise)
+
+
+def test_restore_from_the_param_store_with_a_global_latent_before_the_step(tmp_path):
+    pyro.clear_param_store()
+    xs = data(**SAVE_SHAPE)
+    guide = IterativeGuide(global_noise_model, num_iterations=2, hidden_size=16)
+    svi = SVI(global_noise_model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=AmortizedFilteringELBO())
+    for _ in range(5):
+        svi.step(xs)
+    pyro.set_rng_seed(0)
+    reference = svi.evaluate_loss(xs)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    fresh = IterativeGuide(global_noise_model, num_iterations=2, hidden_size=16)  # its first call finds the step
+    pyro.set_rng_seed(0)
+    assert AmortizedFilteringELBO().loss(global_noise_model, fresh, xs) == pytest.approx(reference, rel=1e-6)
+
+
 # ----- 4. JIT -----
 
 

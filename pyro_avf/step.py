@@ -123,17 +123,25 @@ def check_not_in_markov_loop(name: str, stack) -> None:
 
 
 def has_filtering_step(model, *args, **kwargs) -> bool:
-    """Whether ``model(*args, **kwargs)`` calls a :func:`filtering_step` (run once, blocked, without gradients,
-    on a forked random stream: the draws of the sites before the first step do not shift the caller's samples,
-    so a fresh guide restored from the param store gives the loss of the guide it was saved from)."""
+    """Whether ``model(*args, **kwargs)`` calls a :func:`filtering_step` (run once, blocked, without gradients).
+
+    When it does, the random stream is put back as it was: the draws of sites before the first step do not
+    shift the caller's samples, so a fresh guide restored from the param store gives the loss of the guide it
+    was saved from. (A model without a step keeps the stream as its detection run left it, as before.)
+    """
     cuda = sorted({v.device for v in tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor) and v.is_cuda},
                   key=str)  # fmt: skip
+    states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
     try:
-        with torch.random.fork_rng(devices=cuda), pyro.poutine.block(), torch.no_grad(), StepDetector():
+        with pyro.poutine.block(), torch.no_grad(), StepDetector():
             model(*args, **kwargs)
     except StepDetector.Found:
+        torch.set_rng_state(states[0])
+        for d, state in zip(cuda, states[1]):
+            torch.cuda.set_rng_state(state, d)
         return True
     return False
+
 
 def examples_model(xs):
     """The model of the docstring examples: a 2-d random walk observed in noise, ``xs`` of shape

@@ -118,12 +118,7 @@ def test_free_energy_falls_across_inference_iterations_after_a_little_training(d
         elbo.loss(vae.model, guide, held_out)
         per_iteration += elbo.diagnostics["free_energy"].sum((0, 1)) / len(held_out) / 4
     assert per_iteration[K] < per_iteration[0] - 10, per_iteration
-    assert (per_iteration[1:] < per_iteration[0] - 10).all(), per_iteration  # every iteration beats the prior
-    # not "every iteration improves on the one before": after this little training the last iteration of the
-    # highway update often rises a little (held-out, 16 passes, seeds 0 / 1 / 2: 190.54 -> 190.88,
-    # 193.05 -> 193.18, 188.41 -> 189.09), the open last-iteration rise of benchmarks/RESULTS.md (issue 10);
-    # the strict fall held only at one seed's draws. It stays within a nat of the best iteration.
-    assert per_iteration[K] < per_iteration[1:].min() + 1.0, per_iteration
+    assert (per_iteration[1:] < per_iteration[:-1]).all(), per_iteration  # every iteration improves
 
 
 def test_free_energy_diagnostics_are_per_image_for_a_static_model(digits):

@@ -98,7 +98,13 @@ class AmortizedFilteringELBO(ELBO):
         return loss
 
     def _record_diagnostics(self, record, step_terms) -> None:
-        if not record.steps or any(t.free_energy.shape != step_terms[0].free_energy.shape for t in step_terms):
+        # per-step tables only when every step has the same batch and number of recorded iterations (a step
+        # whose latents are all conditioned on, e.g. by poutine.condition, records one)
+        if (
+            not record.steps
+            or any(t.free_energy.shape != step_terms[0].free_energy.shape for t in step_terms)
+            or any(len(r.free_energy) != len(record.steps[0].free_energy) for r in record.steps)
+        ):
             self.diagnostics = {"step_executions": record.step_executions}
             return
 

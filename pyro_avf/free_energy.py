@@ -27,6 +27,7 @@ class StepContext(NamedTuple):
     scale: object  # float or tensor
     mask: Optional[torch.Tensor]
     whole_model: bool = False  # a static model run as one step: its own plates give the batch
+    conditions: tuple = ()  # poutine.condition handlers between the guide and the step, innermost last
 
     @property
     def batch_shape(self) -> Optional[torch.Size]:

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional
 
 import pyro
 import torch
+from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.runtime import _PYRO_STACK, Message
 from pyro.poutine.util import site_is_subsample
@@ -242,7 +243,10 @@ class IterativeGuide(GuideMessenger, nn.Module):
             frame._process_message(probe)
             if probe["stop"]:
                 break
-        return StepContext(tuple(probe["cond_indep_stack"]), probe["scale"], probe["mask"], msg["fn"] is self.model)
+        inside = _PYRO_STACK[_PYRO_STACK.index(self) + 1 :] if self in _PYRO_STACK else []
+        conditions = tuple(frame for frame in inside if isinstance(frame, ConditionMessenger))
+        return StepContext(tuple(probe["cond_indep_stack"]), probe["scale"], probe["mask"], msg["fn"] is self.model,
+                           conditions)  # fmt: skip
 
     # ----- effect handlers -----
 

@@ -108,6 +108,19 @@ def apply_context(msg, ctx: StepContext) -> None:
         BroadcastMessenger._pyro_sample(msg)
 
 
+def condition_as_outside(msg, conditions) -> None:
+    """Give ``msg`` the observed value that the ``poutine.condition`` handlers between the guide and the step
+    give it in the model's own run (where they see each site before the guide, while a re-run's
+    :class:`StepRun` sees it first): ``poutine.condition(model, data={"x_3": x})`` conditions the re-runs
+    too."""
+    for frame in reversed(conditions):  # innermost first, as Pyro applies them
+        probe = {"name": msg["name"], "value": msg["value"], "is_observed": False}
+        frame._pyro_sample(probe)
+        if probe["is_observed"]:
+            msg["value"], msg["is_observed"] = probe["value"], True
+            return
+
+
 def _has_plate_shape(fn, frames) -> bool:
     """Whether ``fn`` already has every plate's size at the plate's dim (broadcasting would not change it)."""
     shape = getattr(fn, "batch_shape", None)
@@ -182,6 +195,8 @@ class StepRun(Messenger):
     def _process_message(self, msg) -> None:
         if msg["type"] != "sample":
             return
+        if self.ctx.conditions and not msg["is_observed"]:
+            condition_as_outside(msg, self.ctx.conditions)
         apply_context(msg, self.ctx)
         msg["stop"] = True
         if site_is_subsample(msg):
@@ -468,7 +483,9 @@ class FinalRun:
         if self.lambdas is not None and len(self.latent_names) != len(self.lambdas):
             raise RuntimeError(
                 f"pyro_avf: step {t} sampled {len(self.latent_names)} latent sites in its final run but "
-                f"{len(self.lambdas)} while inferring them; a filtering step must be repeatable."
+                f"{len(self.lambdas)} while inferring them; a filtering step must sample the same latent sites every "
+                "time it runs. A handler between the guide and the step that turns a latent site into data "
+                "(poutine.do, poutine.replay) also causes this; poutine.condition is supported."
             )
         if self.latent_names and not self.num_observed:
             warnings.warn(

@@ -295,6 +295,9 @@ class IterativeGuide(GuideMessenger, nn.Module):
                 active.num_observed += 1
                 active.site_names.append(name)
                 msg["infer"]["avf_step"] = self._pass.t
+            # the model's trace (get_traces) keeps it; handlers outside the guide, such as the guide trace of
+            # pyro.infer.Importance, TraceGraph_ELBO or RenyiELBO, see latent sites only, as with an AutoGuide
+            msg["stop"] = True
             return
         prior = msg["fn"]
         check_continuous_latent(name, prior)

@@ -14,9 +14,11 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO
+from pyro.poutine.util import site_is_subsample
 
 import pyro_avf
 from pyro_avf import AmortizedFilteringELBO, IterativeGuide
+from pyro_avf.baselines.kalman import kalman_filter
 from pyro_avf.evaluation import filtering_free_energy
 from pyro_avf.models.lgssm import LinearGaussianSSM
 
@@ -627,3 +629,43 @@ def test_poutine_condition_on_a_latent_leaves_it_out_of_the_guide():
     expected = -(dist.Normal(A * z1, Q).log_prob(c) + dist.Normal(c, R).log_prob(xs[:, 2])).sum(-1)
     step2 = guide.last_pass.steps[2].final_terms.free_energy
     assert torch.allclose(step2, expected, atol=1e-5)
+
+
+# ----- 9. Pyro's estimators that read the guide's own trace -----
+
+
+def test_importance_weight_of_one_draw_is_that_draws_elbo():
+    """``pyro.infer.Importance`` reads the guide's trace directly: with one sample its log normaliser is
+    log p(x, z) - log q(z) of the draw, i.e. minus Trace_ELBO's loss at the same seed; so is RenyiELBO's with
+    one particle. (Both were off, by 111 nats here: the observed sites reached the guide's trace, so log p(x)
+    was also taken off as if it were log q.)"""
+    xs = data(B=4, T=6, D=2)
+    guide = IterativeGuide(readme_model, num_iterations=2, hidden_size=16)
+    guide(xs)  # builds the update networks
+    pyro.set_rng_seed(5)
+    log_z = pyro.infer.Importance(readme_model, guide, num_samples=1).run(xs).get_log_normalizer()
+    pyro.set_rng_seed(5)
+    elbo = -Trace_ELBO().loss(readme_model, guide, xs)
+    assert log_z.item() == pytest.approx(elbo, abs=1e-3)
+    pyro.set_rng_seed(5)  # RenyiELBO with one particle is the same draw's ELBO too (it was also off)
+    renyi = pyro.infer.RenyiELBO(alpha=0.5, num_particles=1).loss(readme_model, guide, xs)
+    assert -renyi == pytest.approx(elbo, abs=1e-3)
+    guide_trace = poutine.trace(guide).get_trace(xs)
+    sampled = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
+    assert sampled == latent_names(6)
+
+
+def test_importance_estimate_lies_between_the_elbo_and_the_exact_likelihood():
+    """On a linear-Gaussian SSM, a trained guide's importance estimate of log p(x) (50 draws) is above its
+    ELBO and not above the Kalman filter's exact value."""
+    ssm = LinearGaussianSSM.random(latent_dim=2, obs_dim=3, seed=0)
+    xs, _ = ssm.sample(8, 10, seed=1)
+    pyro.set_rng_seed(0)
+    guide = IterativeGuide(ssm.model, num_iterations=2, hidden_size=32)
+    svi = SVI(ssm.model, guide, pyro.optim.Adam({"lr": 3e-3}), loss=AmortizedFilteringELBO())
+    for _ in range(100):
+        svi.step(xs)
+    exact = -kalman_filter(ssm.A, ssm.C, ssm.Q, ssm.R, xs).nll.sum().item()
+    elbo = -sum(Trace_ELBO().loss(ssm.model, guide, xs) for _ in range(20)) / 20
+    log_z = pyro.infer.Importance(ssm.model, guide, num_samples=50).run(xs).get_log_normalizer().item()
+    assert elbo < log_z < exact + 1.0, (elbo, log_z, exact)

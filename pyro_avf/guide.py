@@ -270,9 +270,10 @@ class IterativeGuide(GuideMessenger, nn.Module):
     def _finish_online(self, msg: Message, ctx: StepContext, result: StepResult) -> None:
         """Online filtering: the final run is scored here, nothing is traced and no graph leaves the step."""
         with torch.no_grad():
-            run = StepRun(ctx, result.final, 1.0, self.posterior_family)
+            run = StepRun(ctx, result.final, 1.0, self.posterior_family, prior_only=result.prior_only)
             with run:
                 value = msg["fn"](*msg["args"], **msg["kwargs"])
+            run.raise_refusal()
         self._pass.step_executions += 1
         self._pass.finish_online(run)
         self._pass.t += 1
@@ -300,7 +301,9 @@ class IterativeGuide(GuideMessenger, nn.Module):
             msg["stop"] = True
             return
         prior = msg["fn"]
-        check_continuous_latent(name, prior)
+        prior_only = active is not None and active.result.prior_only  # a step that observes nothing: q = p
+        if not prior_only:
+            check_continuous_latent(name, prior)
         if active is None:
             check_not_in_markov_loop(name, _PYRO_STACK[_PYRO_STACK.index(self) + 1 :])
         q = self.get_posterior(name, prior)
@@ -309,7 +312,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
         if active is not None:
             active.site_names.append(name)
             msg["infer"]["avf_step"] = self._pass.t
-            self.inference.check_slot(len(active.latent_names) - 1, name, self._lambda[0], prior)
+            if not prior_only:
+                self.inference.check_slot(len(active.latent_names) - 1, name, self._lambda[0], prior)
         if len(q.batch_shape) <= len(prior.batch_shape) and q.batch_shape != prior.batch_shape:
             q = q.expand(prior.batch_shape)  # plates outside the guide (particles) broadcast later
         msg["fn"] = q

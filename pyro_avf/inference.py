@@ -177,9 +177,11 @@ class StepRun(Messenger):
 
     def __init__(self, ctx: StepContext, lambdas: Optional[List[Lambda]], kl_weight: float = 1.0,
                  family: str = "diagonal", check: bool = True, antithetic: Optional[list] = None,
-                 keep_noise: bool = False):  # fmt: skip
+                 keep_noise: bool = False, prior_only: bool = False):  # fmt: skip
         super().__init__()
-        self.ctx, self.family, self.check = ctx, family, check
+        self.ctx, self.family, self.check, self.prior_only = ctx, family, check, prior_only
+        self.refused: Optional[Exception] = None  # why a latent site cannot have a learned posterior
+        self.prior_sites: Dict[str, object] = {}  # latent sites drawn from their prior (q = p, KL = 0)
         self.lambdas = lambdas
         self.antithetic = antithetic  # the noise of an earlier run's slots, drawn here negated
         self.noise: Optional[list] = [] if keep_noise or antithetic is not None else None
@@ -208,8 +210,16 @@ class StepRun(Messenger):
             score_site(self.terms, msg)
             self.observations.append(ObservedRecord(name, fn, msg["value"]))
             return
+        if self.prior_only:
+            self._draw_from_prior(msg)
+            return
         if self.check:
-            check_continuous_latent(name, fn)
+            try:
+                check_continuous_latent(name, fn)
+            except NotImplementedError as err:  # raised unless the step observes nothing (q = p there)
+                self.refused = self.refused or err
+                self._draw_from_prior(msg)
+                return
         lam = slot_lambda(self.lambdas, len(self.latents), name, fn, leaf=True, family=self.family,
                           preceding=self.draws.preceding)  # fmt: skip
         cond = self.draws.condition(lam, fn)
@@ -225,6 +235,18 @@ class StepRun(Messenger):
         msg["value"], msg["done"] = z, True
         self.latents.append(LatentRecord(name, fn, lam, z, msg["mask"], None if cond is lam else cond))
         score_site(self.terms, msg, prior=fn, q=q, q_params=cond)
+
+    def raise_refusal(self) -> None:
+        """Raise why a latent site of this run cannot have a posterior, if one cannot and the step observes
+        something (a step that observes nothing takes its prior)."""
+        if self.refused is not None and self.observations:
+            raise self.refused
+
+    def _draw_from_prior(self, msg) -> None:
+        """Draw a latent site from its prior: q = p, which adds exactly 0 to the step free energy."""
+        fn = msg["fn"]
+        msg["value"], msg["done"] = fn.rsample() if fn.has_rsample else fn.sample(), True
+        self.prior_sites[msg["name"]] = fn
 
     def latent_errors(self, i: int) -> torch.Tensor:
         r""":math:`\varepsilon_z = (u - \mu_p)/\sigma_p` of slot ``i`` in the unconstrained space."""
@@ -281,6 +303,7 @@ class StepResult:
     surrogate: Optional[torch.Tensor] = None
     executions: int = 0
     final_terms: Optional[Terms] = None
+    prior_only: bool = False  # the step observes nothing: every latent site's posterior is its prior
 
     def record(self, runs: List[StepRun], lambdas: List[Lambda]) -> None:
         """Keep iteration k's λ and the terms of its first run (the one whose draw the initial λ₀ of a slot
@@ -379,6 +402,11 @@ class StepInference:
         pairs_drawn = self.antithetic and self.num_samples > 1
         for k in range(self.num_iterations):
             runs = [self._run(result, fn, args, kwargs, ctx, leaves, kl_weight, keep_noise=pairs_drawn)]
+            if leaves is None and not runs[0].observations:
+                # nothing observed (a forecast): the prior is the exact optimum of F_t = KL(q || p)
+                result.prior_only = True
+                return
+            runs[0].raise_refusal()
             if leaves is None:
                 leaves = current = runs[0].initial_lambdas
                 for i, rec in enumerate(runs[0].latents):
@@ -466,6 +494,9 @@ class FinalRun:
     def next_posterior(self, name: str, prior, trace=None):
         """The posterior of the next latent site of the step and its λ (the prior's, when K = 0); for a joint
         slot, given the earlier slots' draws, read from ``trace`` (the model's trace of the run)."""
+        if self.result.prior_only:
+            self.latent_names.append(name)
+            return prior, None
         if self.draws.pending is not None:  # the previous site was a joint one: its draw is in the trace now
             self.draws.add(trace.nodes[self.latent_names[-1]]["value"])
         lam = slot_lambda(self.lambdas, len(self.latent_names), name, prior, family=self.family,
@@ -490,7 +521,7 @@ class FinalRun:
         if self.latent_names and not self.num_observed:
             warnings.warn(
                 f"pyro_avf: filtering step {t} has latent sites {self.latent_names} but observes nothing, so its "
-                "posterior can only be the prior.",
+                "posterior is the prior (a forecast). If it should observe data, pass obs= or poutine.condition.",
                 stacklevel=4,
             )
         detach = record.train and self.lambdas is not None and self.graph is None

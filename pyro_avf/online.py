@@ -304,7 +304,8 @@ class OnlineFilter:
         terms = record.online.last()
         return FilterStep(
             t=self.t,
-            posterior={rec.name: site_posterior(rec.posterior_lambda, rec.prior) for rec in run.latents},
+            posterior={**{rec.name: site_posterior(rec.posterior_lambda, rec.prior) for rec in run.latents},
+                       **run.prior_sites},  # fmt: skip
             free_energy=terms["free_energy"],
             kl=terms["kl"],
             reconstruction=terms["reconstruction"],

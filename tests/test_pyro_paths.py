@@ -669,3 +669,51 @@ def test_importance_estimate_lies_between_the_elbo_and_the_exact_likelihood():
     elbo = -sum(Trace_ELBO().loss(ssm.model, guide, xs) for _ in range(20)) / 20
     log_z = pyro.infer.Importance(ssm.model, guide, num_samples=50).run(xs).get_log_normalizer().item()
     assert elbo < log_z < exact + 1.0, (elbo, log_z, exact)
+
+
+# ----- 10. forecasting: steps that observe nothing -----
+
+
+@pyro_avf.filtering_step
+def bernoulli_step(t, z_prev, x_t):
+    z = pyro.sample(f"z_{t}", dist.Normal(A * z_prev, Q).to_event(1))
+    pyro.sample(f"x_{t}", dist.Bernoulli(logits=z.sum(-1, keepdim=True).expand(-1, 3)).to_event(1), obs=x_t)
+    return z
+
+
+def forecasting_model(step, xs, future=0):
+    """``step`` over the data, then ``future`` steps with nothing observed (their x_t are sampled)."""
+    B, T, _ = xs.shape
+    with pyro.plate("sequences", B):
+        z = xs.new_zeros(B, 2)
+        for t in pyro.markov(range(T + future)):
+            z = step(t, z, xs[:, t] if t < T else None)
+
+
+@pytest.mark.parametrize("step", [readme_step, bernoulli_step], ids=["normal", "bernoulli"])
+@pytest.mark.parametrize("loss", [AmortizedFilteringELBO, Trace_ELBO])
+def test_steps_that_observe_nothing_add_nothing(step, loss):
+    """A forecast step's free energy is KL(q || p), minimal (0) at q = p: steps appended after the data
+    leave the loss unchanged at the same seed, and a Bernoulli x_t sampled there is not refused as a
+    discrete latent (before: an error, and a Normal x_t got an untrained posterior of its own)."""
+    xs = data(B=4, T=5, D=2) if step is readme_step else (data(B=4, T=5, D=3) > 0).float()
+    guide = IterativeGuide(lambda xs, f: forecasting_model(step, xs, f), num_iterations=2, hidden_size=16)
+    model = guide.model
+    with pytest.warns(UserWarning, match="observes nothing"):
+        values = []
+        for future in (0, 3):
+            pyro.set_rng_seed(0)
+            values.append(loss().loss(model, guide, xs, future))
+    assert values[1] == pytest.approx(values[0], abs=1e-4)
+
+
+def test_predictive_forecast_draws_the_model_not_a_posterior():
+    """Predictive's forecast of x_T given z_T is the observation model N(z_T, R) (it was 2.5 R wide: x_T had
+    become a latent slot with a posterior of its own)."""
+    xs = data(B=4, T=5, D=2)
+    guide = IterativeGuide(lambda xs, f: forecasting_model(readme_step, xs, f), num_iterations=2, hidden_size=16)
+    pyro.set_rng_seed(0)
+    with pytest.warns(UserWarning, match="observes nothing"):
+        samples = Predictive(guide.model, guide=guide, num_samples=400, parallel=True)(xs, 2)
+    assert (samples["x_5"] - samples["z_5"]).std().item() == pytest.approx(R, rel=0.05)
+    assert (samples["z_6"] - A * samples["z_5"]).std().item() == pytest.approx(Q, rel=0.05)

@@ -36,6 +36,7 @@ from pyro_avf.inference import (
     fresh_leaves,
     frozen_parameters,
 )
+from pyro_avf.outer_guides import check_outer_latents_seen, share_outer_plate, take_outer_latent
 from pyro_avf.passes import PassRecord
 from pyro_avf.posterior import check_continuous_latent, check_family, posterior, unconstrained_moments
 from pyro_avf.step import STEP_TYPE, check_not_in_markov_loop, has_filtering_step
@@ -221,6 +222,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
                     self.model(*args, **kwargs)
                 else:
                     self._run_static(args, kwargs)
+                if record.shares_outer_plates:
+                    check_outer_latents_seen(self, self.trace)
         finally:
             del self.args_kwargs
             self._pass, self._active = None, None
@@ -287,7 +290,10 @@ class IterativeGuide(GuideMessenger, nn.Module):
 
     def _pyro_sample(self, msg: Message) -> None:
         if site_is_subsample(msg):
+            self._pass.shares_outer_plates |= share_outer_plate(self, msg)  # inside an AutoGuideList
             return
+        if not msg["is_observed"]:
+            take_outer_latent(self, msg, in_step=self._active is not None)
         name, active = msg["name"], self._active
         if msg["is_observed"]:
             if active is None or not self.num_iterations:  # otherwise the inference re-runs checked it

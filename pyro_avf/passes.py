@@ -80,6 +80,7 @@ class PassRecord:
     surrogate: Optional[torch.Tensor] = None
     final_surrogate: Optional[torch.Tensor] = None
     step_executions: int = 0
+    shares_outer_plates: bool = False  # the model's plates came from a trace outside the guide (AutoGuideList)
 
     def add(self, result: StepResult) -> None:
         """Take in the inference result of one step."""

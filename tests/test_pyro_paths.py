@@ -717,3 +717,69 @@ def test_predictive_forecast_draws_the_model_not_a_posterior():
         samples = Predictive(guide.model, guide=guide, num_samples=400, parallel=True)(xs, 2)
     assert (samples["x_5"] - samples["z_5"]).std().item() == pytest.approx(R, rel=0.05)
     assert (samples["z_6"] - A * samples["z_5"]).std().item() == pytest.approx(Q, rel=0.05)
+
+
+# ----- 11. AutoGuideList: another guide for the globals -----
+
+
+def auto_guide_list(model, K=2, block=False):
+    from pyro.infer.autoguide import AutoDelta, AutoGuideList
+    from pyro.infer.autoguide.initialization import init_to_value
+
+    guide = AutoGuideList(model)
+    at_r = init_to_value(values={"noise": torch.tensor(R)})
+    guide.append(AutoDelta(poutine.block(model, expose=["noise"]), init_loc_fn=at_r))
+    local = poutine.block(model, hide=["noise"]) if block else model
+    guide.append(IterativeGuide(local, num_iterations=K, hidden_size=16))
+    return guide
+
+
+def subsampled_global_noise_model(xs):
+    """global_noise_model on 3 random sequences of the batch per pass (the plate's indices must agree)."""
+    noise = pyro.sample("noise", dist.LogNormal(math.log(R), 0.5))
+    with pyro.plate("sequences", xs.size(0), subsample_size=3) as idx:
+        z = xs.new_zeros(3, xs.size(2))
+        for t in pyro.markov(range(xs.size(1))):
+            z = global_noise_step(t, z, xs[idx, t], noise)
+
+
+@pytest.mark.parametrize("full", [global_noise_model, subsampled_global_noise_model])
+def test_auto_guide_list_gives_the_steps_the_other_parts_draw_of_a_global(full):
+    """With AutoDelta at noise = R for the global, the loss is that of IterativeGuide on the model conditioned
+    on noise = R (log q of a point mass is 0): the steps condition on the other part's value, and a subsampled
+    plate takes the indices AutoGuideList drew."""
+    xs = data(B=6, T=5, D=2)
+    losses = []
+    for model, guide in [
+        (full, lambda: auto_guide_list(full)),
+        (conditioned := poutine.condition(full, {"noise": torch.tensor(R)}),
+         lambda: IterativeGuide(conditioned, num_iterations=2, hidden_size=16)),
+    ]:  # fmt: skip
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        g = guide()
+        Trace_ELBO().loss(model, g, xs)  # builds the update networks and AutoGuideList's prototype
+        pyro.set_rng_seed(4)
+        losses.append(Trace_ELBO().loss(model, g, xs))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_auto_guide_list_shares_the_model_plates_and_trains():
+    pyro.clear_param_store()
+    xs = data(B=4, T=5, D=2)
+    guide = auto_guide_list(global_noise_model)
+    trace = poutine.trace(guide).get_trace(xs)
+    assert [name for name, site in trace.nodes.items() if site_is_subsample(site)] == ["sequences"]
+    assert {name for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)} \
+        == {"noise"} | set(latent_names(5))  # fmt: skip
+    svi = SVI(global_noise_model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=Trace_ELBO())
+    assert all(math.isfinite(svi.step(xs)) for _ in range(3))
+
+
+def test_auto_guide_list_with_the_global_hidden_from_the_guide_is_refused():
+    """poutine.block(model, hide=[...]) as in AutoGuideList's docs would let the steps see the model's prior draw
+    of the global instead of the other part's."""
+    pyro.clear_param_store()
+    guide = auto_guide_list(global_noise_model, block=True)
+    with pytest.raises(ValueError, match=r"\['noise'\] were drawn by another part.*poutine.block"):
+        Trace_ELBO().loss(global_noise_model, guide, data(B=4, T=5, D=2))

@@ -36,7 +36,7 @@ from pyro_avf.inference import (
     fresh_leaves,
     frozen_parameters,
 )
-from pyro_avf.outer_guides import check_outer_latents_seen, share_outer_plate, take_outer_latent
+from pyro_avf.outer_guides import check_outer_latents_seen, outer_traces, share_outer_plate, take_outer_latent
 from pyro_avf.passes import PassRecord
 from pyro_avf.posterior import check_continuous_latent, check_family, posterior, unconstrained_moments
 from pyro_avf.step import STEP_TYPE, check_not_in_markov_loop, has_filtering_step
@@ -215,6 +215,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         try:
             with frozen_parameters() if online else contextlib.nullcontext(), self:
                 self.update_nets.register()  # inside: the param sites reach the traces other ELBOs read
+                record.outer_traces = outer_traces(self)  # the stack below the guide is fixed for the pass
                 if fn is not None:
                     fn(*args, **kwargs)
                 elif self._has_step or has_filtering_step(self.model, *args, **kwargs):
@@ -223,9 +224,10 @@ class IterativeGuide(GuideMessenger, nn.Module):
                 else:
                     self._run_static(args, kwargs)
                 if record.shares_outer_plates:
-                    check_outer_latents_seen(self, self.trace)
+                    check_outer_latents_seen(record.outer_traces, self.trace)
         finally:
             del self.args_kwargs
+            record.outer_traces = []  # the record outlives the pass (last_pass); the outer traces need not
             self._pass, self._active = None, None
         return record
 
@@ -290,10 +292,10 @@ class IterativeGuide(GuideMessenger, nn.Module):
 
     def _pyro_sample(self, msg: Message) -> None:
         if site_is_subsample(msg):
-            self._pass.shares_outer_plates |= share_outer_plate(self, msg)  # inside an AutoGuideList
+            self._pass.shares_outer_plates |= share_outer_plate(self._pass.outer_traces, msg)  # an AutoGuideList
             return
         if not msg["is_observed"]:
-            take_outer_latent(self, msg, in_step=self._active is not None)
+            take_outer_latent(self._pass.outer_traces, msg, in_step=self._active is not None)
         name, active = msg["name"], self._active
         if msg["is_observed"]:
             if active is None or not self.num_iterations:  # otherwise the inference re-runs checked it

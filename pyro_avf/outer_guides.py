@@ -49,14 +49,19 @@ def outer_traces(handler: Messenger) -> List[Trace]:
     return [frame.trace for frame in reversed(below) if isinstance(frame, TraceMessenger)]
 
 
-def outer_site(handler: Messenger, name: str) -> Optional[Dict]:
-    """The site ``name`` that a trace outside ``handler`` already holds, else ``None``."""
-    return next((trace.nodes[name] for trace in outer_traces(handler) if name in trace.nodes), None)
+def is_drawn_latent(site: Dict) -> bool:
+    """A latent sample site that a guide drew (not observed, not a plate's subsample site)."""
+    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
 
 
-def share_outer_plate(handler: Messenger, msg: Message) -> bool:
+def outer_site(traces: List[Trace], name: str) -> Optional[Dict]:
+    """The site ``name`` that one of the outer ``traces`` already holds, else ``None``."""
+    return next((trace.nodes[name] for trace in traces if name in trace.nodes), None)
+
+
+def share_outer_plate(traces: List[Trace], msg: Message) -> bool:
     """Give a plate's subsample site the indices an outer trace recorded for the same plate; True if it did."""
-    site = outer_site(handler, msg["name"])
+    site = outer_site(traces, msg["name"])
     size = msg["fn"].subsample_size or msg["fn"].size
     if site is None or not site_is_subsample(site) or site["fn"].size != msg["fn"].size:
         return False
@@ -66,10 +71,10 @@ def share_outer_plate(handler: Messenger, msg: Message) -> bool:
     return True
 
 
-def take_outer_latent(handler: Messenger, msg: Message, in_step: bool) -> None:
+def take_outer_latent(traces: List[Trace], msg: Message, in_step: bool) -> None:
     """Make a latent site that another guide has drawn data here (its value, ``is_observed``)."""
-    site = outer_site(handler, msg["name"])
-    if site is None or site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+    site = outer_site(traces, msg["name"])
+    if site is None or not is_drawn_latent(site):
         return
     if in_step:
         raise NotImplementedError(
@@ -79,15 +84,14 @@ def take_outer_latent(handler: Messenger, msg: Message, in_step: bool) -> None:
     msg["value"], msg["is_observed"] = site["value"], True
 
 
-def check_outer_latents_seen(handler: Messenger, trace: Trace) -> None:
+def check_outer_latents_seen(traces: List[Trace], trace: Trace) -> None:
     """Refuse a pass that shared an outer guide's plates but never met the latent sites that guide drew."""
     drawn = {
         name
-        for outer in outer_traces(handler)
+        for outer in traces
         for name, site in outer.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-        and not site["infer"].get("is_auxiliary")
-    }  # fmt: skip
+        if is_drawn_latent(site) and not site["infer"].get("is_auxiliary")
+    }
     unseen = sorted(drawn - set(trace.nodes))
     if unseen:
         raise ValueError(

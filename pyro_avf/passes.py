@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
+from pyro.poutine.trace_struct import Trace
 
 from pyro_avf.free_energy import Terms
 from pyro_avf.inference import StepResult, StepRun
@@ -80,6 +81,7 @@ class PassRecord:
     surrogate: Optional[torch.Tensor] = None
     final_surrogate: Optional[torch.Tensor] = None
     step_executions: int = 0
+    outer_traces: List[Trace] = field(default_factory=list)  # traces outside the guide (outer_guides)
     shares_outer_plates: bool = False  # the model's plates came from a trace outside the guide (AutoGuideList)
 
     def add(self, result: StepResult) -> None:

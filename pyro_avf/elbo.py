@@ -15,10 +15,13 @@ gradients). KL terms are analytic where prior and posterior are both Normal (in 
 
 from __future__ import annotations
 
-from typing import Dict
+import contextlib
+from functools import partial
+from typing import Dict, List, Tuple
 
 import torch
 from pyro.infer.elbo import ELBO
+from pyro.poutine.messenger import Messenger, _context_wrap
 
 from pyro_avf.free_energy import Terms, score_site, stack_terms
 from pyro_avf.guide import IterativeGuide
@@ -67,16 +70,16 @@ class AmortizedFilteringELBO(ELBO):
         self.diagnostics: Dict[str, object] = {}
 
     def _check_guide(self, guide) -> IterativeGuide:
-        if not isinstance(guide, IterativeGuide):
-            raise TypeError(
-                f"AmortizedFilteringELBO needs a pyro_avf.IterativeGuide, got {type(guide).__name__}; "
-                "use pyro.infer.Trace_ELBO for other guides."
-            )
-        return guide
+        return unwrap_guide(guide)[0]
 
-    def _pass(self, model, guide: IterativeGuide, args, kwargs) -> torch.Tensor:
+    def _pass(self, model, guide, args, kwargs) -> torch.Tensor:
+        guide, handlers = unwrap_guide(guide)
+
         def one_pass(*args, **kwargs):
-            return guide.run(args, kwargs, kl_weight=self.kl_weight, local_gradients=True)
+            with contextlib.ExitStack() as stack:
+                for handler in handlers:  # outermost first, as the wrapped guide would enter them
+                    stack.enter_context(handler)
+                return guide.run(args, kwargs, kl_weight=self.kl_weight, local_gradients=True)
 
         if self.vectorize_particles and self.num_particles > 1:
             record = self._vectorized_num_particles(one_pass)(*args, **kwargs)
@@ -121,13 +124,12 @@ class AmortizedFilteringELBO(ELBO):
 
     def _get_trace(self, model, guide, args, kwargs):
         """Not used: this ELBO reads the traces of the guide's single pass (see :meth:`differentiable_loss`)."""
-        guide = self._check_guide(guide)
         guide(*args, **kwargs)
-        return guide.get_traces()
+        return self._check_guide(guide).get_traces()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The loss as a differentiable tensor (averaged over particles)."""
-        guide = self._check_guide(guide)
+        self._check_guide(guide)
         n = 1 if self.vectorize_particles else self.num_particles
         loss = sum(self._pass(model, guide, args, kwargs) for _ in range(n)) / n
         if self.vectorize_particles and self.num_particles > 1:
@@ -147,3 +149,32 @@ class AmortizedFilteringELBO(ELBO):
 def _stack(per_step) -> torch.Tensor:
     """``[[(batch...) per iteration] per step]`` -> ``(batch, time, iterations)``."""
     return torch.stack([torch.stack([x.reshape(-1) for x in its], -1) for its in per_step], 1)
+
+
+def unwrap_guide(guide) -> Tuple[IterativeGuide, List[Messenger]]:
+    """The :class:`~pyro_avf.IterativeGuide` inside ``guide`` and the Pyro handlers wrapped around it
+    (``poutine.scale(guide, scale=N / B)``, ``poutine.mask``, ...), outermost first.
+
+    Example::
+
+        >>> from pyro import poutine
+        >>> from pyro_avf.step import examples_model as model
+        >>> guide = IterativeGuide(model, 1, hidden_size=8)
+        >>> inner, handlers = unwrap_guide(poutine.scale(guide, scale=2.0))
+        >>> inner is guide, [type(h).__name__ for h in handlers]
+        (True, ['ScaleMessenger'])
+    """
+    handlers: List[Messenger] = []
+    inner = guide
+    while isinstance(inner, partial):
+        call = inner.func if isinstance(inner.func, partial) else inner  # Pyro's _bound_partial holds a partial
+        if call.func is not _context_wrap or len(call.args) != 2:
+            break
+        handler, inner = call.args
+        handlers.append(handler)
+    if not isinstance(inner, IterativeGuide):
+        raise TypeError(
+            f"AmortizedFilteringELBO needs a pyro_avf.IterativeGuide (or one wrapped in Pyro handlers), got "
+            f"{type(inner).__name__}; use pyro.infer.Trace_ELBO for other guides."
+        )
+    return inner, handlers

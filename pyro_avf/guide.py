@@ -243,15 +243,20 @@ class IterativeGuide(GuideMessenger, nn.Module):
     def _context(self, msg: Message) -> StepContext:
         """The plates, scale and mask that the handlers around a step add to its sites."""
         probe = Message(**{**msg, "cond_indep_stack": tuple(msg["cond_indep_stack"]), "stop": False})
-        below = _PYRO_STACK[: _PYRO_STACK.index(self)] if self in _PYRO_STACK else []
-        for frame in reversed(below):
-            frame._process_message(probe)
-            if probe["stop"]:
-                break
+        self._process_outside(probe)
         inside = _PYRO_STACK[_PYRO_STACK.index(self) + 1 :] if self in _PYRO_STACK else []
         conditions = tuple(frame for frame in inside if isinstance(frame, ConditionMessenger))
         return StepContext(tuple(probe["cond_indep_stack"]), probe["scale"], probe["mask"], msg["fn"] is self.model,
                            conditions)  # fmt: skip
+
+    def _process_outside(self, msg: Message) -> None:
+        """Let the handlers below the guide on Pyro's stack (plates, ``poutine.scale``, ``poutine.mask``, the
+        ELBO's particle plate) process ``msg`` as ``apply_stack`` would, up to one that stops it."""
+        below = _PYRO_STACK[: _PYRO_STACK.index(self)] if self in _PYRO_STACK else []
+        for frame in reversed(below):
+            frame._process_message(msg)
+            if msg["stop"]:
+                break
 
     # ----- effect handlers -----
 
@@ -304,8 +309,10 @@ class IterativeGuide(GuideMessenger, nn.Module):
                 active.num_observed += 1
                 active.site_names.append(name)
                 msg["infer"]["avf_step"] = self._pass.t
-            # the model's trace (get_traces) keeps it; handlers outside the guide, such as the guide trace of
-            # pyro.infer.Importance, TraceGraph_ELBO or RenyiELBO, see latent sites only, as with an AutoGuide
+            # the model's trace (get_traces) keeps it with the plates, scale and mask of the handlers outside
+            # the guide (a vectorized particle plate, poutine.scale(guide, ...)); their traces, such as the guide
+            # trace of pyro.infer.Importance or RenyiELBO, see latent sites only, as with an AutoGuide
+            self._process_outside(msg)
             msg["stop"] = True
             return
         prior = msg["fn"]

@@ -214,7 +214,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
         self.args_kwargs = args, kwargs
         try:
             with frozen_parameters() if online else contextlib.nullcontext(), self:
-                self.update_nets.register()  # inside: the param sites reach the traces other ELBOs read
+                if not online:  # inside: the param sites reach the traces other ELBOs read
+                    self.update_nets.register()  # (online: OnlineFilter.init registers once per stream)
                 record.outer_traces = outer_traces(self)  # the stack below the guide is fixed for the pass
                 if fn is not None:
                     fn(*args, **kwargs)
@@ -280,7 +281,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
     def _finish_online(self, msg: Message, ctx: StepContext, result: StepResult) -> None:
         """Online filtering: the final run is scored here, nothing is traced and no graph leaves the step."""
         with torch.no_grad():
-            run = StepRun(ctx, result.final, 1.0, self.posterior_family, prior_only=result.prior_only)
+            run = StepRun(ctx, result.final, 1.0, self.posterior_family, check=not result.executions,
+                          prior_only=result.prior_only)  # the inference re-runs checked the sites
             with run:
                 value = msg["fn"](*msg["args"], **msg["kwargs"])
             run.raise_refusal()

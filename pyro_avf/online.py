@@ -280,6 +280,7 @@ class OnlineFilter:
         """Start new streams: ``model.init(state, *args, **kwargs)`` fills an empty state (for a step model:
         ``init(batch_size=1, like=None)``)."""
         self.state, self.t, self._last = {}, 0, None
+        self.guide.update_nets.register()  # once per stream: values in the param store take over
         with torch.no_grad():
             self.model.init(self.state, *args, **kwargs)
 

@@ -347,3 +347,20 @@ def test_both_normalisations_streamed_and_batched_on_real_songs():
     empty = SequenceScores.from_steps(f, real & (torch.arange(3) < 2)[:, None])
     assert empty.steps.tolist() == list(LENGTHS[:2]) + [0] and empty.paper_sum() == pytest.approx(
         sum(f[n, 1 : LENGTHS[n]].sum().item() / LENGTHS[n] for n in range(2)), rel=1e-6)
+
+
+def test_a_stream_takes_the_update_networks_from_the_param_store(tmp_path):
+    """Parameters loaded into Pyro's store before a stream starts are the ones it filters with (the update
+    networks are registered once per stream, in OnlineFilter.init, not at every step)."""
+    pyro.clear_param_store()
+    model, kind = small("lgssm")
+    xs, mask = padded_batch(model, kind)
+    guide = briefly_trained(model, xs[:, :4])
+    saved = streamed_free_energy(model, guide, xs, mask, seed=11)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    svi = pyro.infer.SVI(model.model, guide, pyro.optim.Adam({"lr": 1e-1}), loss=AmortizedFilteringELBO())
+    for _ in range(3):
+        svi.step(xs[:, :4])
+    assert streamed_free_energy(model, guide, xs, mask, seed=11)[0] != pytest.approx(saved[0], rel=1e-4)
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    assert streamed_free_energy(model, guide, xs, mask, seed=11)[0] == pytest.approx(saved[0], rel=1e-6)

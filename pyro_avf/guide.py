@@ -13,10 +13,8 @@ static model). Latent sites outside any step get a mean-field Normal.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Dict, Optional
 
-import pyro
 import torch
 from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.guide import GuideMessenger
@@ -25,6 +23,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyro_avf.free_energy import StepContext
+from pyro_avf.global_sites import MeanFieldSites
 from pyro_avf.inference import (
     FinalRun,
     Lambda,
@@ -38,7 +37,7 @@ from pyro_avf.inference import (
 )
 from pyro_avf.outer_guides import check_outer_latents_seen, outer_traces, share_outer_plate, take_outer_latent
 from pyro_avf.passes import PassRecord
-from pyro_avf.posterior import check_continuous_latent, check_family, posterior, unconstrained_moments
+from pyro_avf.posterior import check_continuous_latent, check_family
 from pyro_avf.step import STEP_TYPE, check_not_in_markov_loop, has_filtering_step
 from pyro_avf.updates import UpdateNetworks, update_rule
 
@@ -112,6 +111,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
 
     Example (``model`` as in :func:`~pyro_avf.filtering_step`)::
 
+        >>> import pyro
         >>> from pyro_avf import AmortizedFilteringELBO
         >>> from pyro_avf.step import examples_model as model
         >>> guide = IterativeGuide(model, num_iterations=5, hidden_size=8)
@@ -159,6 +159,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         self.update = getattr(self.update_rule, "form", update)
         self.encoding, self.encode_observation = encoding, encode_observation
         self.hidden_size, self.lr, self.name = hidden_size, lr, name
+        self.global_sites = MeanFieldSites(f"{name}_global", init_scale)
         self.last_pass: Optional[PassRecord] = None  # the record of the latest call (read it, don't set it)
         self._pass: Optional[PassRecord] = None  # the call in progress
         self._active: Optional[FinalRun] = None
@@ -341,14 +342,5 @@ class IterativeGuide(GuideMessenger, nn.Module):
         if self._active is not None:
             q, self._lambda = self._active.next_posterior(name, prior, self.trace)
             return q
-        prefix = f"{self.name}_global.{name}"
-        loc = pyro.param(f"{prefix}.loc", lambda: unconstrained_moments(prior)[0])
-        log_scale = pyro.param(f"{prefix}.log_scale", lambda: torch.full_like(loc, math.log(self.init_scale)))
-        expected = prior.batch_shape + loc.shape[len(prior.batch_shape) :]
-        if loc.shape != expected or loc.shape[: len(prior.batch_shape)] != prior.batch_shape:
-            raise ValueError(
-                f"pyro_avf: global latent site '{name}' changed shape from {tuple(loc.shape)}; latent sites "
-                "outside a filtering step keep one posterior per element, so their batch shape must not change."
-            )
-        self._lambda = (loc, log_scale)
-        return posterior(loc, log_scale, prior)
+        q, self._lambda = self.global_sites(name, prior)
+        return q

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Dict, Optional
 
+import pyro.distributions as dist
 import torch
 from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.guide import GuideMessenger
@@ -166,6 +167,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         self._has_step = False  # found once, true for good; a call that finds none checks again next time
         self._local_return: Optional[bool] = None  # see _return_is_local
         self._lambda: Optional[Lambda] = None  # λ of the posterior that get_posterior made last
+        self._surrogate_site: Optional[Message] = None  # see get_traces
 
     @property
     def amortized(self) -> bool:
@@ -182,9 +184,37 @@ class IterativeGuide(GuideMessenger, nn.Module):
         for p in self.parameters():
             p.__dict__.pop("unconstrained", None)
         state = super().__getstate__()  # GuideMessenger drops the trace
-        for transient in ("last_pass", "_pass", "_active"):
+        for transient in ("last_pass", "_pass", "_active", "_surrogate_site"):
             state[transient] = None
         return state
+
+    def get_traces(self):
+        r"""``(model_trace, guide_trace)`` of the latest call, as :class:`~pyro.poutine.guide.GuideMessenger`'s,
+        and, after a training pass, the update networks' surrogate of the intermediate iterations
+        :math:`S` as one factor of the model trace, ``{name}_update_surrogate`` with log factor :math:`-S`, of
+        value 0 and loss gradient
+        :math:`\nabla_\phi S = \sum_{t, 0<k<K} \nabla_\phi \lambda_{t,k}^\top \nabla_\lambda
+        \mathcal{F}_t(\lambda_{t,k})`: with Pyro's ELBOs (``Trace_ELBO``, ...) the update networks learn from
+        every iteration's free energy, as with :class:`~pyro_avf.AmortizedFilteringELBO`, not from the last
+        one's alone. The guide trace keeps the latent sites only."""
+        model_trace, guide_trace = super().get_traces()
+        if self._surrogate_site is not None:
+            model_trace.add_node(self._surrogate_site["name"], **self._surrogate_site)
+        return model_trace, guide_trace
+
+    def _keep_surrogate_site(self, surrogate: torch.Tensor) -> None:
+        """The factor :meth:`get_traces` adds, spread evenly over the plates outside the guide (a vectorized
+        particle plate: ``TraceTailAdaptive_ELBO`` and ``RenyiELBO`` read it per particle); the surrogate already
+        carries the outer scale, so the site's own scale is 1."""
+        name = f"{self.name}_update_surrogate"
+        msg = Message(type="sample", name=name, fn=dist.Unit(surrogate.new_zeros(())), is_observed=True, args=(),
+                      kwargs={}, value=surrogate.new_zeros(0), scale=1.0, mask=None, cond_indep_stack=(),
+                      done=False, stop=False, continuation=None, infer={})  # fmt: skip
+        self._process_outside(msg)
+        shape = msg["fn"].batch_shape
+        msg["fn"] = dist.Unit((-surrogate / max(shape.numel(), 1)).expand(shape))  # loss = ... - log factor
+        msg["scale"], msg["mask"], msg["stop"], msg["done"] = 1.0, None, False, True
+        self._surrogate_site = msg
 
     # ----- running the model -----
 
@@ -211,7 +241,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         train = self.amortized and torch.is_grad_enabled() and not online
         record = PassRecord(kl_weight=1.0 if online else kl_weight, local_gradients=local_gradients,
                             is_online=online, train=train, t=first_step)  # fmt: skip
-        self._pass, self.last_pass, self._active = record, record, None
+        self._pass, self.last_pass, self._active, self._surrogate_site = record, record, None, None
         self.args_kwargs = args, kwargs
         try:
             with frozen_parameters() if online else contextlib.nullcontext(), self:
@@ -227,6 +257,8 @@ class IterativeGuide(GuideMessenger, nn.Module):
                     self._run_static(args, kwargs)
                 if record.shares_outer_plates:
                     check_outer_latents_seen(record.outer_traces, self.trace)
+                if record.surrogate is not None and not local_gradients:
+                    self._keep_surrogate_site(record.surrogate)
         finally:
             del self.args_kwargs
             record.outer_traces = []  # the record outlives the pass (last_pass); the outer traces need not

@@ -69,12 +69,7 @@ class AmortizedFilteringELBO(ELBO):
         self.train_all_iterations = train_all_iterations
         self.diagnostics: Dict[str, object] = {}
 
-    def _check_guide(self, guide) -> IterativeGuide:
-        return unwrap_guide(guide)[0]
-
-    def _pass(self, model, guide, args, kwargs) -> torch.Tensor:
-        guide, handlers = unwrap_guide(guide)
-
+    def _pass(self, guide: IterativeGuide, handlers: List[Messenger], args, kwargs) -> torch.Tensor:
         def one_pass(*args, **kwargs):
             with contextlib.ExitStack() as stack:
                 for handler in handlers:  # outermost first, as the wrapped guide would enter them
@@ -125,13 +120,13 @@ class AmortizedFilteringELBO(ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         """Not used: this ELBO reads the traces of the guide's single pass (see :meth:`differentiable_loss`)."""
         guide(*args, **kwargs)
-        return self._check_guide(guide).get_traces()
+        return unwrap_guide(guide)[0].get_traces()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The loss as a differentiable tensor (averaged over particles)."""
-        self._check_guide(guide)
+        inner, handlers = unwrap_guide(guide)
         n = 1 if self.vectorize_particles else self.num_particles
-        loss = sum(self._pass(model, guide, args, kwargs) for _ in range(n)) / n
+        loss = sum(self._pass(inner, handlers, args, kwargs) for _ in range(n)) / n
         if self.vectorize_particles and self.num_particles > 1:
             loss = loss / self.num_particles
         return loss

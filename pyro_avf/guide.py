@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Dict, Optional
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.poutine.condition_messenger import ConditionMessenger
@@ -196,25 +197,28 @@ class IterativeGuide(GuideMessenger, nn.Module):
         :math:`\nabla_\phi S = \sum_{t, 0<k<K} \nabla_\phi \lambda_{t,k}^\top \nabla_\lambda
         \mathcal{F}_t(\lambda_{t,k})`: with Pyro's ELBOs (``Trace_ELBO``, ...) the update networks learn from
         every iteration's free energy, as with :class:`~pyro_avf.AmortizedFilteringELBO`, not from the last
-        one's alone. The guide trace keeps the latent sites only."""
+        one's alone. The guide trace keeps the latent sites only.
+
+        When a trace handler outside the guide records the pass instead (an ``AutoGuideList``, whose ELBO replays
+        the model against that trace), the same surrogate reaches it as an auxiliary guide factor of log factor
+        :math:`+S` (``pyro.factor(..., has_rsample=True)``), which adds :math:`S` to the loss in the same way."""
         model_trace, guide_trace = super().get_traces()
         if self._surrogate_site is not None:
             model_trace.add_node(self._surrogate_site["name"], **self._surrogate_site)
         return model_trace, guide_trace
 
-    def _keep_surrogate_site(self, surrogate: torch.Tensor) -> None:
-        """The factor :meth:`get_traces` adds, spread evenly over the plates outside the guide (a vectorized
-        particle plate: ``TraceTailAdaptive_ELBO`` and ``RenyiELBO`` read it per particle); the surrogate already
-        carries the outer scale, so the site's own scale is 1."""
-        name = f"{self.name}_update_surrogate"
-        msg = Message(type="sample", name=name, fn=dist.Unit(surrogate.new_zeros(())), is_observed=True, args=(),
-                      kwargs={}, value=surrogate.new_zeros(0), scale=1.0, mask=None, cond_indep_stack=(),
-                      done=False, stop=False, continuation=None, infer={})  # fmt: skip
+    def _surrogate_message(self, surrogate: torch.Tensor) -> Message:
+        """A factor site of log factor ``surrogate``, spread evenly over the plates outside the guide (a
+        vectorized particle plate: ``TraceTailAdaptive_ELBO`` and ``RenyiELBO`` read it per particle); the
+        surrogate already carries the outer scale, so the site's own scale is 1."""
+        msg = Message(type="sample", name=f"{self.name}_update_surrogate", fn=dist.Unit(surrogate.new_zeros(())),
+                      is_observed=True, args=(), kwargs={}, value=surrogate.new_zeros(0), scale=1.0, mask=None,
+                      cond_indep_stack=(), done=False, stop=False, continuation=None, infer={})  # fmt: skip
         self._process_outside(msg)
         shape = msg["fn"].batch_shape
-        msg["fn"] = dist.Unit((-surrogate / max(shape.numel(), 1)).expand(shape))  # loss = ... - log factor
+        msg["fn"] = dist.Unit((surrogate / max(shape.numel(), 1)).expand(shape))
         msg["scale"], msg["mask"], msg["stop"], msg["done"] = 1.0, None, False, True
-        self._surrogate_site = msg
+        return msg
 
     # ----- running the model -----
 
@@ -242,7 +246,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         record = PassRecord(kl_weight=1.0 if online else kl_weight, local_gradients=local_gradients,
                             is_online=online, train=train, t=first_step)  # fmt: skip
         self._pass, self.last_pass, self._active, self._surrogate_site = record, record, None, None
-        self.args_kwargs = args, kwargs
+        self.args_kwargs, guide_factor = (args, kwargs), None
         try:
             with frozen_parameters() if online else contextlib.nullcontext(), self:
                 if not online:  # inside: the param sites reach the traces other ELBOs read
@@ -258,7 +262,12 @@ class IterativeGuide(GuideMessenger, nn.Module):
                 if record.shares_outer_plates:
                     check_outer_latents_seen(record.outer_traces, self.trace)
                 if record.surrogate is not None and not local_gradients:
-                    self._keep_surrogate_site(record.surrogate)
+                    if record.outer_traces:  # an AutoGuideList, poutine.trace(guide): that trace is the guide's
+                        guide_factor = self._surrogate_message(record.surrogate)["fn"].log_factor
+                    else:  # the model trace of get_traces: loss = ... - log factor
+                        self._surrogate_site = self._surrogate_message(-record.surrogate)
+            if guide_factor is not None:  # loss = ... + log factor; the outer plates see it as they see the guide's
+                pyro.factor(f"{self.name}_update_surrogate", guide_factor, has_rsample=True)
         finally:
             del self.args_kwargs
             record.outer_traces = []  # the record outlives the pass (last_pass); the outer traces need not

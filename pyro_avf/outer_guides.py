@@ -44,9 +44,10 @@ from pyro.poutine.util import site_is_subsample
 
 
 def outer_traces(handler: Messenger) -> List[Trace]:
-    """The traces of the trace handlers below ``handler`` on the stack (outside it), innermost first."""
+    """The traces of the trace handlers below ``handler`` on the stack (outside it) that record sample sites,
+    innermost first (not ``SVI``'s ``poutine.trace(param_only=True)``)."""
     below = _PYRO_STACK[: _PYRO_STACK.index(handler)] if handler in _PYRO_STACK else []
-    return [frame.trace for frame in reversed(below) if isinstance(frame, TraceMessenger)]
+    return [frame.trace for frame in reversed(below) if isinstance(frame, TraceMessenger) and not frame.param_only]
 
 
 def is_drawn_latent(site: Dict) -> bool:

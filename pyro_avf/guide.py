@@ -16,11 +16,9 @@ import contextlib
 from typing import Callable, Dict, Optional
 
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.guide import GuideMessenger
-from pyro.poutine.runtime import _PYRO_STACK, Message
+from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
@@ -38,6 +36,7 @@ from pyro_avf.inference import (
     frozen_parameters,
 )
 from pyro_avf.outer_guides import check_outer_latents_seen, outer_traces, share_outer_plate, take_outer_latent
+from pyro_avf.outer_stack import frames_above, new_message, process_outside, spread_factor, step_context
 from pyro_avf.passes import PassRecord
 from pyro_avf.posterior import check_continuous_latent, check_family
 from pyro_avf.step import STEP_TYPE, check_not_in_markov_loop, has_filtering_step
@@ -49,6 +48,8 @@ JIT_REFUSAL = (
     "parameters are computed during the pass, which torch.jit.trace would freeze into constants. Use "
     "pyro_avf.AmortizedFilteringELBO (one pass, no model replay) or Trace_ELBO."
 )
+
+TRANSIENT = ("last_pass", "_pass", "_active", "_surrogate_site")  # a pass's state: not pickled
 
 
 class IterativeGuide(GuideMessenger, nn.Module):
@@ -185,9 +186,17 @@ class IterativeGuide(GuideMessenger, nn.Module):
         for p in self.parameters():
             p.__dict__.pop("unconstrained", None)
         state = super().__getstate__()  # GuideMessenger drops the trace
-        for transient in ("last_pass", "_pass", "_active", "_surrogate_site"):
+        for transient in TRANSIENT:
             state[transient] = None
         return state
+
+    def __setstate__(self, state: Dict[str, object]) -> None:
+        # a guide pickled by an earlier version lacks what was added since: give it the defaults
+        name, init_scale = state.get("name", "avf"), state.get("init_scale", 0.1)
+        state.setdefault("global_sites", MeanFieldSites(f"{name}_global", init_scale))
+        for transient in TRANSIENT:
+            state.setdefault(transient, None)
+        super().__setstate__(state)
 
     def get_traces(self):
         r"""``(model_trace, guide_trace)`` of the latest call, as :class:`~pyro.poutine.guide.GuideMessenger`'s,
@@ -206,19 +215,6 @@ class IterativeGuide(GuideMessenger, nn.Module):
         if self._surrogate_site is not None:
             model_trace.add_node(self._surrogate_site["name"], **self._surrogate_site)
         return model_trace, guide_trace
-
-    def _surrogate_message(self, surrogate: torch.Tensor) -> Message:
-        """A factor site of log factor ``surrogate``, spread evenly over the plates outside the guide (a
-        vectorized particle plate: ``TraceTailAdaptive_ELBO`` and ``RenyiELBO`` read it per particle); the
-        surrogate already carries the outer scale, so the site's own scale is 1."""
-        msg = Message(type="sample", name=f"{self.name}_update_surrogate", fn=dist.Unit(surrogate.new_zeros(())),
-                      is_observed=True, args=(), kwargs={}, value=surrogate.new_zeros(0), scale=1.0, mask=None,
-                      cond_indep_stack=(), done=False, stop=False, continuation=None, infer={})  # fmt: skip
-        self._process_outside(msg)
-        shape = msg["fn"].batch_shape
-        msg["fn"] = dist.Unit((surrogate / max(shape.numel(), 1)).expand(shape))
-        msg["scale"], msg["mask"], msg["stop"], msg["done"] = 1.0, None, False, True
-        return msg
 
     # ----- running the model -----
 
@@ -246,7 +242,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         record = PassRecord(kl_weight=1.0 if online else kl_weight, local_gradients=local_gradients,
                             is_online=online, train=train, t=first_step)  # fmt: skip
         self._pass, self.last_pass, self._active, self._surrogate_site = record, record, None, None
-        self.args_kwargs, guide_factor = (args, kwargs), None
+        self.args_kwargs, guide_factor, surrogate_name = (args, kwargs), None, f"{self.name}_update_surrogate"
         try:
             with frozen_parameters() if online else contextlib.nullcontext(), self:
                 if not online:  # inside: the param sites reach the traces other ELBOs read
@@ -263,11 +259,11 @@ class IterativeGuide(GuideMessenger, nn.Module):
                     check_outer_latents_seen(record.outer_traces, self.trace)
                 if record.surrogate is not None and not local_gradients:
                     if record.outer_traces:  # an AutoGuideList, poutine.trace(guide): that trace is the guide's
-                        guide_factor = self._surrogate_message(record.surrogate)["fn"].log_factor
+                        guide_factor = spread_factor(self, surrogate_name, record.surrogate)["fn"].log_factor
                     else:  # the model trace of get_traces: loss = ... - log factor
-                        self._surrogate_site = self._surrogate_message(-record.surrogate)
+                        self._surrogate_site = spread_factor(self, surrogate_name, -record.surrogate)
             if guide_factor is not None:  # loss = ... + log factor; the outer plates see it as they see the guide's
-                pyro.factor(f"{self.name}_update_surrogate", guide_factor, has_rsample=True)
+                pyro.factor(surrogate_name, guide_factor, has_rsample=True)
         finally:
             del self.args_kwargs
             record.outer_traces = []  # the record outlives the pass (last_pass); the outer traces need not
@@ -275,31 +271,11 @@ class IterativeGuide(GuideMessenger, nn.Module):
         return record
 
     def _run_static(self, args, kwargs) -> None:
-        msg = Message(type=STEP_TYPE, name="model", fn=self.model, is_observed=False, args=args, kwargs=kwargs,
-                      value=None, scale=1.0, mask=None, cond_indep_stack=(), done=False, stop=False,
-                      continuation=None, infer={})  # fmt: skip
+        msg = new_message("model", self.model, type=STEP_TYPE, args=args, kwargs=kwargs)
         self._pyro_filtering_step(msg)
         if not msg["done"]:  # online mode has already scored the final run
             self.model(*args, **kwargs)
         self._pyro_post_filtering_step(msg)
-
-    def _context(self, msg: Message) -> StepContext:
-        """The plates, scale and mask that the handlers around a step add to its sites."""
-        probe = Message(**{**msg, "cond_indep_stack": tuple(msg["cond_indep_stack"]), "stop": False})
-        self._process_outside(probe)
-        inside = _PYRO_STACK[_PYRO_STACK.index(self) + 1 :] if self in _PYRO_STACK else []
-        conditions = tuple(frame for frame in inside if isinstance(frame, ConditionMessenger))
-        return StepContext(tuple(probe["cond_indep_stack"]), probe["scale"], probe["mask"], msg["fn"] is self.model,
-                           conditions)  # fmt: skip
-
-    def _process_outside(self, msg: Message) -> None:
-        """Let the handlers below the guide on Pyro's stack (plates, ``poutine.scale``, ``poutine.mask``, the
-        ELBO's particle plate) process ``msg`` as ``apply_stack`` would, up to one that stops it."""
-        below = _PYRO_STACK[: _PYRO_STACK.index(self)] if self in _PYRO_STACK else []
-        for frame in reversed(below):
-            frame._process_message(msg)
-            if msg["stop"]:
-                break
 
     # ----- effect handlers -----
 
@@ -307,7 +283,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         if self._active is not None:
             raise RuntimeError("pyro_avf: a filtering step was called inside another filtering step.")
         rec = self._pass
-        ctx = self._context(msg)
+        ctx = step_context(self, msg, whole_model=msg["fn"] is self.model)
         result = self.inference(msg["fn"], msg["args"], msg["kwargs"], ctx, rec.t, kl_weight=rec.kl_weight,
                                 train=rec.train, keep=not rec.is_online)  # fmt: skip
         rec.add(result)
@@ -356,7 +332,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
             # the model's trace (get_traces) keeps it with the plates, scale and mask of the handlers outside
             # the guide (a vectorized particle plate, poutine.scale(guide, ...)); their traces, such as the guide
             # trace of pyro.infer.Importance or RenyiELBO, see latent sites only, as with an AutoGuide
-            self._process_outside(msg)
+            process_outside(self, msg)
             msg["stop"] = True
             return
         prior = msg["fn"]
@@ -364,7 +340,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         if not prior_only:
             check_continuous_latent(name, prior)
         if active is None:
-            check_not_in_markov_loop(name, _PYRO_STACK[_PYRO_STACK.index(self) + 1 :])
+            check_not_in_markov_loop(name, frames_above(self))
         q = self.get_posterior(name, prior)
         msg["infer"]["prior"] = prior
         msg["infer"]["avf_lambda"] = self._lambda

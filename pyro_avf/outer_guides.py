@@ -37,17 +37,19 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import _PYRO_STACK, Message
+from pyro.poutine.runtime import Message
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
+
+from pyro_avf.outer_stack import frames_below
 
 
 def outer_traces(handler: Messenger) -> List[Trace]:
     """The traces of the trace handlers below ``handler`` on the stack (outside it) that record sample sites,
     innermost first (not ``SVI``'s ``poutine.trace(param_only=True)``)."""
-    below = _PYRO_STACK[: _PYRO_STACK.index(handler)] if handler in _PYRO_STACK else []
-    return [frame.trace for frame in reversed(below) if isinstance(frame, TraceMessenger) and not frame.param_only]
+    frames = frames_below(handler)
+    return [frame.trace for frame in frames if isinstance(frame, TraceMessenger) and not frame.param_only]
 
 
 def is_drawn_latent(site: Dict) -> bool:

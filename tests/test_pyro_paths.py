@@ -116,9 +116,9 @@ def new_guide():
     return IterativeGuide(readme_model, num_iterations=2, hidden_size=16)
 
 
-def seeded_loss(guide, xs):
+def seeded_loss(guide, xs, model=None):
     pyro.set_rng_seed(0)
-    return AmortizedFilteringELBO().loss(readme_model, guide, xs)
+    return AmortizedFilteringELBO().loss(model or readme_model, guide, xs)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +179,20 @@ def test_torch_save_right_after_svi_steps(tmp_path):
     pyro.clear_param_store()
     restored = torch.load(tmp_path / "guide.pt", weights_only=False)
     assert seeded_loss(restored, xs) == pytest.approx(reference, rel=1e-6)
+
+
+def test_a_guide_pickled_before_the_global_sites_module_restores(tmp_path):
+    """A guide saved with torch.save by an earlier version (no ``global_sites``, no ``_surrogate_site``) gets
+    them on loading: the same loss on a model with a global latent (was AttributeError)."""
+    pyro.clear_param_store()
+    xs = data(**SAVE_SHAPE)
+    guide = IterativeGuide(global_noise_model, num_iterations=2, hidden_size=8)
+    reference = seeded_loss(guide, xs, global_noise_model)
+    old_state = guide.__getstate__()
+    del old_state["global_sites"], old_state["_surrogate_site"]
+    restored = IterativeGuide.__new__(IterativeGuide)
+    restored.__setstate__(old_state)
+    assert seeded_loss(restored, xs, global_noise_model) == pytest.approx(reference, rel=1e-6)
 
 
 @pyro_avf.filtering_step

@@ -13,12 +13,12 @@ reads the site per particle (``RenyiELBO``, ``TraceTailAdaptive_ELBO``) sees its
 
 Example: the plates and scale that the handlers around a guide give a site::
 
-    >>> import pyro, torch
+    >>> import pyro, pyro.distributions as dist
     >>> from pyro import poutine
     >>> from pyro.poutine.messenger import Messenger
     >>> guide = Messenger()  # stands for IterativeGuide
     >>> with pyro.plate("particles", 3, dim=-2), poutine.scale(scale=2.0), guide:
-    ...     ctx = step_context(guide, new_message("z_0"))
+    ...     ctx = step_context(guide, new_message("z_0", dist.Normal(0.0, 1.0)))
     >>> [frame.name for frame in ctx.frames], ctx.scale, tuple(ctx.batch_shape)
     (['particles'], 2.0, (3, 1))
 """
@@ -36,12 +36,10 @@ from pyro.poutine.runtime import _PYRO_STACK, Message
 from pyro_avf.free_energy import StepContext
 
 
-def new_message(name: str, fn=None, **fields) -> Message:
-    """A fresh sample-site message, as ``pyro.sample`` makes one (``fn``: a :class:`~pyro.distributions.Unit`
-    of log factor 0 by default)."""
-    msg = Message(type="sample", name=name, fn=dist.Unit(torch.zeros(())) if fn is None else fn,
-                  is_observed=False, args=(), kwargs={}, value=None, scale=1.0, mask=None, cond_indep_stack=(),
-                  done=False, stop=False, continuation=None, infer={})  # fmt: skip
+def new_message(name: str, fn, **fields) -> Message:
+    """A fresh sample-site message for ``fn``, as ``pyro.sample`` makes one, with ``fields`` changed."""
+    msg = Message(type="sample", name=name, fn=fn, is_observed=False, args=(), kwargs={}, value=None, scale=1.0,
+                  mask=None, cond_indep_stack=(), done=False, stop=False, continuation=None, infer={})  # fmt: skip
     msg.update(fields)
     return msg
 

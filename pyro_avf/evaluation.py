@@ -25,8 +25,9 @@ tensor), in batches sorted by length; with a ``stream`` each batch is filtered o
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from pyro import poutine
@@ -212,11 +213,28 @@ def evaluate(model: Any, guide: Callable, data: Any, *, batch_size: int = 16,
     return score_batches(model, guide, batches, stream=stream, seed=seed)
 
 
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """``model.eval()`` while scoring when it is (or is the bound method of) an ``nn.Module`` (dropout off), its
+    modules' own training flags restored after."""
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
+    if not isinstance(module, torch.nn.Module):
+        yield
+        return
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def score_batches(model: Any, guide: Callable, batches: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]], *,
                   stream: Optional[Callable[[Any], Any]] = None, seed: int = 0) -> FreeEnergy:  # fmt: skip
     """:func:`batch_scores` over ``batches``, with random numbers from ``seed`` (forked generator)."""
     sums = [0.0, 0.0, 0.0, 0.0]
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), eval_mode(model):
         torch.manual_seed(seed)
         for xs, mask in batches:
             sums = [a + b for a, b in zip(sums, score_sums(batch_scores(model, guide, xs, mask, stream)))]

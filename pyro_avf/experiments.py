@@ -153,7 +153,7 @@ def _widths(args: argparse.Namespace, *names: str) -> Dict[str, int]:
 
 def _srnn(args: argparse.Namespace) -> nn.Module:
     make = SRNN.speech if DATASETS[args.dataset] == SPEECH else SRNN.music
-    return make(**_z(args), **_widths(args, "d_dim", "a_dim", "hidden_dim"))
+    return make(**_z(args), **_widths(args, "d_dim", "a_dim", "hidden_dim"), dropout=getattr(args, "dropout", 0.0))
 
 
 def _vrnn(args: argparse.Namespace) -> nn.Module:

@@ -121,7 +121,7 @@ NOT_CONFIG = ("data_dir", "download", "out_dir", "resume", "overwrite", "threads
               "no_plots", "simulate_kill_after", "preset")  # fmt: skip
 #: Options added after runs were made, left out of :func:`run_config` at their default so those runs keep their
 #: folder and can resume.
-ADDED_LATER = {"min_lr": 0.0}
+ADDED_LATER = {"min_lr": 0.0, "dropout": 0.0}
 
 
 class SimulatedKill(SystemExit):
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, default=10.0, help="element-wise gradient clipping (ClippedAdam)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty on every trained parameter "
                    "(ClippedAdam's weight_decay), against over-fitting")  # fmt: skip
+    p.add_argument("--dropout", type=float, default=0.0, help="SRNN: dropout rate on d_t where the prior and the "
+                   "emitter read it, in training only (one mask per pass), against over-fitting")  # fmt: skip
     p.add_argument("--kl-anneal-epochs", type=int, default=50, help="β rises to 1 over these epochs")
     p.add_argument("--kl-anneal-power", type=float, default=1.0, help="β in epoch e is min(1, ((e+1)/E)^p): 1 "
                    "linear, 2 the AVF code's quadratic schedule")  # fmt: skip
@@ -289,6 +291,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         parser.error(f"--weight-decay must be a non-negative number, got {args.weight_decay}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.dropout and args.model != "srnn":
+        parser.error(f"--dropout is implemented for --model srnn only, not {args.model}")
     if not 0 < args.lr_drop_factor < 1:
         parser.error(f"--lr-drop-factor must be in (0, 1), got {args.lr_drop_factor}")
     if not (math.isfinite(args.min_lr) and 0 <= args.min_lr <= args.lr):

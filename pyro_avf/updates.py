@@ -72,7 +72,8 @@ def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Normalise(nn.Module):
-    """Layer normalisation of one input term plus its log root-mean-square (signed log for D = 1)."""
+    r"""Layer normalisation of one input term plus its log root-mean-square,
+    :math:`[\mathrm{LN}(x), \tfrac{1}{20}\log(\overline{x^2} + 10^{-12})]` (signed log for D = 1)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -84,6 +85,31 @@ class _Normalise(nn.Module):
             return torch.cat([x.sign() * x.abs().log1p(), x.abs().add(1e-8).log() / 10], -1)
         log_rms = x.pow(2).mean(-1, keepdim=True).add(1e-12).log() / 20
         return torch.cat([self.norm(x), log_rms], -1)
+
+
+def _same_size_runs(dims: Sequence[int]) -> List[Tuple[int, int]]:
+    """``(start, stop)`` of each run of consecutive terms with the same size D > 1 (a term of size 1 alone)."""
+    runs: List[Tuple[int, int]] = []
+    for i, d in enumerate(dims):
+        if runs and d > 1 and dims[runs[-1][0]] == d:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _normalise_run(norms: Sequence[_Normalise], terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat([n(t) for n, t in zip(norms, terms)], -1)`` for terms of one size D > 1, computed on them
+    stacked (a dozen tensor operations instead of seven per term: the update network's hot path)."""
+    if len(terms) == 1:
+        return norms[0](terms[0])
+    x = torch.stack(terms, -2)  # batch + (n, D)
+    layers = [n.norm for n in norms]
+    weight = torch.stack([ln.weight for ln in layers])
+    bias = torch.stack([ln.bias for ln in layers])
+    normed = torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=layers[0].eps), weight)
+    log_rms = x.pow(2).mean(-1, keepdim=True).add(1e-12).log() / 20
+    return torch.cat([normed, log_rms], -1).flatten(-2)
 
 
 def _coupling(entries: int, dim: int) -> Optional[int]:
@@ -179,6 +205,7 @@ class UpdateNetwork(nn.Module):
         term_dims += [error_dim] if encoding == "error" else []
         term_dims += [obs_dim] if obs_dim else []
         self.norms = nn.ModuleList(_Normalise(d) for d in term_dims if d > 0)
+        self.norm_runs = _same_size_runs([d for d in term_dims if d > 0])
         self.body = HighwayMLP(sum(n.out_dim for n in self.norms), hidden)
         out = 2 * dim + lower
         self.delta = nn.Linear(hidden, out)
@@ -245,8 +272,12 @@ class UpdateNetwork(nn.Module):
             terms += [part for term in lowers for part in term.split(self.lower_dims, -1)]
         terms += ([signal[1]] if self.encoding == "error" else []) + ([obs] if obs is not None else [])
         terms = [t.detach() for t in terms if t is not None and t.size(-1) > 0]
-        shape = torch.broadcast_shapes(*(t.shape[:-1] for t in terms))
-        x = torch.cat([n(t.expand(shape + t.shape[-1:])) for n, t in zip(self.norms, terms)], -1)
+        shape = terms[0].shape[:-1]
+        if any(t.shape[:-1] != shape for t in terms):
+            shape = torch.broadcast_shapes(*(t.shape[:-1] for t in terms))
+            terms = [t.expand(shape + t.shape[-1:]) for t in terms]
+        norms = list(self.norms)
+        x = torch.cat([_normalise_run(norms[a:b], terms[a:b]) for a, b in self.norm_runs], -1)
         h = self.body(x)
         delta = self.delta(h)
         if self.form == "highway":

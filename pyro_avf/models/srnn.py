@@ -1,4 +1,4 @@
-"""Stochastic recurrent neural network (SRNN; Fraccaro et al., NIPS 2016) as a Pyro program.
+r"""Stochastic recurrent neural network (SRNN; Fraccaro et al., NIPS 2016) as a Pyro program.
 
 Generative model, time indices 1-based, x_0 = 0, d_0 = 0, z_0 = 0::
 
@@ -8,6 +8,14 @@ Generative model, time indices 1-based, x_0 = 0, d_0 = 0, z_0 = 0::
 
 The LSTM replaces the original GRU, as in the AVF paper (Marino et al. 2018, App. B). Every MLP uses the
 clipped leaky ReLU clip(max(x, x/3), -3, 3) of Fraccaro et al.'s code.
+
+Dropout (``SRNN(dropout=p)``, against over-fitting): in training mode the prior and the emitter read
+:math:`\tilde d_t = m_t \odot d_t / (1 - p)` with :math:`m_t \sim \mathrm{Bernoulli}(1 - p)` per unit, one mask per
+pass drawn where d_{1:T} is computed, so every re-run of a step inside one pass (AVF's inference iterations) sees
+the same model; the LSTM's own recurrence keeps the undropped d_t. ``srnn.eval()`` (what
+:func:`pyro_avf.evaluation.evaluate` sets while it scores) turns it off. The baseline guide computes its own
+d_{1:T} and so draws its own mask: its q then depends on noise independent of the model's, which keeps the
+bound valid (it loosens it by the mutual information between z and that noise).
 
 Baseline filter (the filtering form of SRNN's inference network, no backward RNN)::
 
@@ -51,17 +59,20 @@ from pyro_avf.step import filtering_step
 class SRNNGenerative(nn.Module):
     """The SRNN generative networks: LSTM over x_{t-1}, prior p(z_t | z_{t-1}, d_t), emitter p(x_t | z_t, d_t)."""
 
-    def __init__(self, x_dim: int, d_dim: int, z_dim: int, hidden_dim: int, n_layers: int, likelihood: str):
+    def __init__(self, x_dim: int, d_dim: int, z_dim: int, hidden_dim: int, n_layers: int, likelihood: str,
+                 dropout: float = 0.0):  # fmt: skip
         super().__init__()
         hidden = [hidden_dim] * n_layers
         self.rnn = nn.LSTM(x_dim, d_dim, batch_first=True)
+        self.dropout = nn.Dropout(dropout)  # on d_t where the prior and the emitter read it (training mode)
         self.prior = normal_mlp(d_dim + z_dim, hidden, z_dim, ClippedLeakyReLU)
         self.emitter = observation_mlp(d_dim + z_dim, hidden, x_dim, likelihood, ClippedLeakyReLU)
 
     def deterministic(self, xs: Tensor) -> Tensor:
-        """d_{1:T} (B, T, d_dim) with d_t = LSTM(d_{t-1}, x_{t-1}), x_0 = 0: depends on observations only."""
+        """d_{1:T} (B, T, d_dim) with d_t = LSTM(d_{t-1}, x_{t-1}), x_0 = 0: depends on observations only
+        (with dropout in training mode, see the module docstring)."""
         u = torch.cat([xs.new_zeros(xs.size(0), 1, xs.size(2)), xs[:, :-1]], dim=1)
-        return self.rnn(u)[0]
+        return self.dropout(self.rnn(u)[0])
 
     def recur(self, x_prev: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """One step of the same LSTM: (d_t, c_t) = LSTM((d_{t-1}, c_{t-1}), x_{t-1}), each (B, d_dim)."""
@@ -92,6 +103,7 @@ class SRNN(nn.Module):
     Model parameters live in ``self.generative`` (registered as ``pyro.module("srnn", ...)``), guide
     parameters in ``self.inference`` (``pyro.module("srnn_guide", ...)``). Defaults are the music sizes of
     Fraccaro et al.'s code (d 300, z 100, a 300, one 500-unit layer per MLP); see :meth:`music`, :meth:`speech`.
+    ``dropout`` is the rate of dropout on :math:`d_t` in training mode (see the module docstring).
     """
 
     def __init__(
@@ -103,11 +115,14 @@ class SRNN(nn.Module):
         hidden_dim: int = 500,
         n_layers: int = 1,
         likelihood: str = "bernoulli",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         check_sizes(x_dim=x_dim, d_dim=d_dim, z_dim=z_dim, a_dim=a_dim, hidden_dim=hidden_dim, n_layers=n_layers)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.x_dim, self.z_dim, self.likelihood = x_dim, z_dim, likelihood
-        self.generative = SRNNGenerative(x_dim, d_dim, z_dim, hidden_dim, n_layers, likelihood)
+        self.generative = SRNNGenerative(x_dim, d_dim, z_dim, hidden_dim, n_layers, likelihood, dropout)
         self.inference = SRNNFilter(x_dim, d_dim, z_dim, a_dim, hidden_dim, n_layers)
 
     @classmethod
@@ -147,7 +162,7 @@ class SRNN(nn.Module):
         """Step t of :mod:`pyro_avf.transition`: :math:`d_t = \\mathrm{LSTM}(d_{t-1}, x_{t-1})`, then the marked
         :meth:`step`; returns (z_t, x_t, d_t, c_t)."""
         d, c = self.generative.recur(carry.x, (carry.d, carry.c))
-        z, x = self.step(t, carry.z, d, x_t, mask_t)
+        z, x = self.step(t, carry.z, self.generative.dropout(d), x_t, mask_t)
         return SRNNCarry(z, x, d, c)
 
     def validate(self, xs: object, mask: object = None) -> tuple[Tensor, Optional[Tensor]]:

@@ -234,6 +234,11 @@ class UpdateNetwork(nn.Module):
         self.register_buffer("spec", torch.tensor(spec))
         self.register_buffer("lower_rows", _lower_rows(self.slot_dims, self.lower_dims), persistent=False)
 
+    def __setstate__(self, state: Dict[str, object]) -> None:
+        super().__setstate__(state)
+        if "norm_runs" not in self.__dict__:  # a network pickled by an earlier version
+            self.norm_runs = _same_size_runs([n.out_dim - 1 if n.norm is not None else 1 for n in self.norms])
+
     @staticmethod
     def from_spec(spec: torch.Tensor) -> "UpdateNetwork":
         """The (untrained) network that the ``spec`` buffer of a saved one describes."""

@@ -1,5 +1,7 @@
 """The update network's input normalisation: the stacked fast path against the per-term modules."""
 
+import io
+
 import pytest
 import torch
 
@@ -39,3 +41,19 @@ def test_stacked_normalisation_passes_gradients_to_every_layer_norm():
     torch.cat([n(t) for n, t in zip(reference.norms, terms)], -1).pow(2).sum().backward()
     for got, n in zip(grads, reference.norms):
         torch.testing.assert_close(got, n.norm.weight.grad)
+
+
+def test_a_network_pickled_before_the_stacked_normalisation_loads_and_gives_the_same_update():
+    torch.manual_seed(0)
+    net = UpdateNetwork(3, obs_dim=1, hidden=8)
+    lam, grads, obs = (torch.randn(2, 3), torch.randn(2, 3)), (torch.randn(2, 3), torch.randn(2, 3)), torch.randn(2, 1)
+    expected = net(lam, grads=grads, obs=obs)
+    runs = net.norm_runs
+    del net.norm_runs  # what a network saved by torch.save before this attribute existed holds
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)
+    assert old.norm_runs == runs == [(0, 4), (4, 5)]
+    for got, want in zip(old(lam, grads=grads, obs=obs), expected):
+        torch.testing.assert_close(got, want)

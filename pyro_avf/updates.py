@@ -71,8 +71,14 @@ def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
+def _log_rms(x: torch.Tensor) -> torch.Tensor:
+    r""":math:`\tfrac{1}{20}\log(\overline{x^2} + 10^{-12})` over the last dim (kept): the scale that layer
+    normalisation removes."""
+    return x.pow(2).mean(-1, keepdim=True).add(1e-12).log() / 20
+
+
 class _Normalise(nn.Module):
-    r"""Layer normalisation of one input term plus its log root-mean-square,
+    r"""Layer normalisation of one input term plus its log root-mean-square (:func:`_log_rms`),
     :math:`[\mathrm{LN}(x), \tfrac{1}{20}\log(\overline{x^2} + 10^{-12})]` (signed log for D = 1)."""
 
     def __init__(self, dim: int):
@@ -83,8 +89,7 @@ class _Normalise(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is None:
             return torch.cat([x.sign() * x.abs().log1p(), x.abs().add(1e-8).log() / 10], -1)
-        log_rms = x.pow(2).mean(-1, keepdim=True).add(1e-12).log() / 20
-        return torch.cat([self.norm(x), log_rms], -1)
+        return torch.cat([self.norm(x), _log_rms(x)], -1)
 
 
 def _same_size_runs(dims: Sequence[int]) -> List[Tuple[int, int]]:
@@ -108,8 +113,7 @@ def _normalise_run(norms: Sequence[_Normalise], terms: Sequence[torch.Tensor]) -
     weight = torch.stack([ln.weight for ln in layers])
     bias = torch.stack([ln.bias for ln in layers])
     normed = torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=layers[0].eps), weight)
-    log_rms = x.pow(2).mean(-1, keepdim=True).add(1e-12).log() / 20
-    return torch.cat([normed, log_rms], -1).flatten(-2)
+    return torch.cat([normed, _log_rms(x)], -1).flatten(-2)
 
 
 def _coupling(entries: int, dim: int) -> Optional[int]:

@@ -199,7 +199,8 @@ def evaluate(model: Any, guide: Callable, data: Any, *, batch_size: int = 16,
     ``paper``).
 
     :param model: a model with ``model(xs, mask)`` (:class:`~pyro_avf.trainer.SequenceModel`) or that Pyro
-        function itself.
+        function itself; an ``nn.Module`` (or its bound method) is scored in eval mode, dropout off
+        (:func:`eval_mode`).
     :param guide: an :class:`~pyro_avf.IterativeGuide` (scored online, β = 1) or any Pyro guide (traced
         once, the model replayed against it).
     :param data: a list of (T_i, ...) tensors, a padded ``(xs, mask)`` pair or one (N, T, ...) tensor

@@ -116,17 +116,29 @@ def _own_batch(loc: torch.Tensor, prior) -> torch.Size:
 
 
 def flatten_to(x: torch.Tensor, batch_shape: torch.Size, name: str) -> torch.Tensor:
-    """Reshape ``x`` to ``batch_shape + (-1,)``, broadcasting its leading dims; error if they do not align."""
+    """Reshape ``x`` to ``batch_shape + (-1,)``: its leading dims are the batch dims, broadcast where ``x`` has
+    size 1; where ``batch_shape`` has size 1 and ``x`` does not (a latent shared by the elements of a plate
+    inside the step, such as one state over several observed sensors), those dims of ``x`` join the features,
+    so each latent element sees every observation it explains. Error if the dims do not align.
+
+    Example::
+
+        >>> flatten_to(torch.arange(6.0).reshape(2, 3), torch.Size([2, 1]), "x").shape
+        torch.Size([2, 1, 3])
+    """
     n = len(batch_shape)
     if x.shape[:n] == batch_shape:  # the common case, on the hot path
         return x.reshape(batch_shape + (-1,))
-    try:
-        aligned = x.dim() >= n and torch.broadcast_shapes(x.shape[:n], batch_shape) == batch_shape
-    except RuntimeError:
-        aligned = False
-    if not aligned:
+    lead = x.shape[:n] if x.dim() >= n else None
+    shared = [] if lead is None else [i for i in range(n) if batch_shape[i] == 1 and lead[i] != 1]
+    if lead is None or any(lead[i] not in (1, batch_shape[i]) for i in range(n) if i not in shared):
         raise ValueError(
             f"pyro_avf: cannot align site '{name}' of shape {tuple(x.shape)} with the latent batch shape "
-            f"{tuple(batch_shape)} for encoding; its leading dims must be the latent's batch dims."
+            f"{tuple(batch_shape)} for encoding; its leading dims must be the latent's batch dims (or size 1 "
+            "there, or any size where the latent has size 1)."
         )
-    return x.expand(batch_shape + x.shape[n:]).reshape(batch_shape + (-1,))
+    target = tuple(lead[i] if i in shared else batch_shape[i] for i in range(n))
+    x = x.expand(target + x.shape[n:])
+    if shared:  # the dims the latent is shared over go after the batch dims, then into the features
+        x = x.movedim(shared, list(range(n - len(shared), n)))
+    return x.reshape(batch_shape + (-1,))

@@ -115,30 +115,32 @@ def _own_batch(loc: torch.Tensor, prior) -> torch.Size:
     return loc.shape[: loc.dim() - unconstrained_event_dim(prior)]
 
 
-def flatten_to(x: torch.Tensor, batch_shape: torch.Size, name: str) -> torch.Tensor:
+def flatten_to(x: torch.Tensor, batch_shape: torch.Size, name: str, shared: bool = False) -> torch.Tensor:
     """Reshape ``x`` to ``batch_shape + (-1,)``: its leading dims are the batch dims, broadcast where ``x`` has
-    size 1; where ``batch_shape`` has size 1 and ``x`` does not (a latent shared by the elements of a plate
-    inside the step, such as one state over several observed sensors), those dims of ``x`` join the features,
-    so each latent element sees every observation it explains. Error if the dims do not align.
+    size 1. With ``shared`` (observations, which are only read, never written back), dims where
+    ``batch_shape`` has size 1 and ``x`` does not (a latent shared by the elements of a plate inside the step,
+    such as one state over several observed sensors) join the features, so each latent element sees every
+    observation it explains. Error if the dims do not align.
 
     Example::
 
-        >>> flatten_to(torch.arange(6.0).reshape(2, 3), torch.Size([2, 1]), "x").shape
+        >>> flatten_to(torch.arange(6.0).reshape(2, 3), torch.Size([2, 1]), "x", shared=True).shape
         torch.Size([2, 1, 3])
     """
     n = len(batch_shape)
     if x.shape[:n] == batch_shape:  # the common case, on the hot path
         return x.reshape(batch_shape + (-1,))
     lead = x.shape[:n] if x.dim() >= n else None
-    shared = [] if lead is None else [i for i in range(n) if batch_shape[i] == 1 and lead[i] != 1]
-    if lead is None or any(lead[i] not in (1, batch_shape[i]) for i in range(n) if i not in shared):
+    moved = [i for i in range(n) if batch_shape[i] == 1 and lead[i] != 1] if shared and lead is not None else []
+    if lead is None or any(lead[i] not in (1, batch_shape[i]) for i in range(n) if i not in moved):
+        also = ", or any size where the latent has size 1" if shared else ""
         raise ValueError(
             f"pyro_avf: cannot align site '{name}' of shape {tuple(x.shape)} with the latent batch shape "
             f"{tuple(batch_shape)} for encoding; its leading dims must be the latent's batch dims (or size 1 "
-            "there, or any size where the latent has size 1)."
+            f"there{also})."
         )
-    target = tuple(lead[i] if i in shared else batch_shape[i] for i in range(n))
+    target = tuple(lead[i] if i in moved else batch_shape[i] for i in range(n))
     x = x.expand(target + x.shape[n:])
-    if shared:  # the dims the latent is shared over go after the batch dims, then into the features
-        x = x.movedim(shared, list(range(n - len(shared), n)))
+    if moved:  # the dims the latent is shared over go right after the batch dims, then into the features
+        x = x.movedim(moved, list(range(n - len(moved), n)))
     return x.reshape(batch_shape + (-1,))

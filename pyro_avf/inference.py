@@ -270,7 +270,7 @@ class StepRun(Messenger):
                     f"pyro_avf: error encoding needs Normal observations; site '{rec.name}' has "
                     f"{type(unwrap(rec.fn)[0]).__name__}. Use encoding='gradient'."
                 )
-            parts.append(flatten_to((rec.value - params[0]) / params[1], batch_shape, rec.name))
+            parts.append(flatten_to((rec.value - params[0]) / params[1], batch_shape, rec.name, shared=True))
         if parts:
             return torch.cat(parts, -1)
         return torch.zeros(batch_shape + (0,)) if like is None else like.new_zeros(batch_shape + (0,))
@@ -278,7 +278,10 @@ class StepRun(Messenger):
     def observed_values(self, batch_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
         """Every observed value of the step, flattened per batch element and joined (dtype and device of
         ``like``)."""
-        parts = [flatten_to(_full(rec.value, rec.fn).to(like), batch_shape, rec.name) for rec in self.observations]
+        parts = [
+            flatten_to(_full(rec.value, rec.fn).to(like), batch_shape, rec.name, shared=True)
+            for rec in self.observations
+        ]
         return torch.cat(parts, -1) if parts else like.new_zeros(batch_shape + (0,))
 
 

@@ -5,6 +5,7 @@ seed -> same loss, final free energies and gradients; independent seeds -> free 
 Monte-Carlo error.
 """
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import memory  # noqa: E402
 import music  # noqa: E402
 import music_curves  # noqa: E402
+import music_table  # noqa: E402
 import plain_torch_srnn_avf as plain  # noqa: E402
 import speed  # noqa: E402
 import svg  # noqa: E402
@@ -175,6 +177,28 @@ def test_music_curves_find_the_best_epoch_and_the_gain_of_the_last_quarter(tmp_p
     (tmp_path / "bad.csv").write_text("epoch\n1\n")
     with pytest.raises(ValueError, match="expected srnn-"):
         music_curves.summarise(tmp_path / "bad.csv")
+
+
+def test_music_table_selects_each_method_on_validation_not_on_test(tmp_path):
+    def history(name, valid, test, paper, config=None):
+        pd.DataFrame({"epoch": [1, 2], "cpu_time_s": [1.0, 7200.0], "best_epoch": [None, 2],
+                      "valid_free_energy_per_step": [None, valid], "test_free_energy_per_step": [None, test],
+                      "test_free_energy_paper": [None, paper]}).to_csv(tmp_path / f"{name}.csv", index=False)
+        if config is not None:
+            (tmp_path / f"{name}.config.json").write_text(json.dumps(config))
+
+    base = {"model_size": 128, "z_dim": 32, "crop_length": 25}
+    history("srnn-jsb_chorales-baseline-seed0", 7.4, 7.3, 7.2, base)
+    history("srnn-jsb_chorales-baseline-seed0-d0.5", 7.1, 7.5, 7.0, {**base, "dropout": 0.5})  # worse test
+    history("srnn-jsb_chorales-avf_k5-seed0", 7.0, 6.9, 6.77, base)
+    pd.DataFrame({"epoch": [1], "valid_free_energy_per_step": [6.0]}).to_csv(  # never tested: left out
+        tmp_path / "srnn-jsb_chorales-avf_k5-seed0-e800.csv", index=False)
+    chosen = music_table.main([str(p) for p in sorted(tmp_path.glob("*.csv"))]).set_index("method")
+    assert chosen.loc["baseline", ["dropout", "test", "candidates"]].tolist() == [0.5, 7.5, 2]
+    assert chosen.loc["baseline", "gap_percent"] == pytest.approx(100 * (7.0 / 6.92 - 1))
+    assert chosen.loc["avf_k5", ["candidates", "cpu_hours"]].tolist() == [1, 2.0]
+    lines = music_table.markdown(chosen.reset_index()).splitlines()
+    assert lines[2].startswith("| jsb_chorales | avf_k5 | 0 | 128/32, 0, 25 | 1 | 2 (2) |")
 
 
 def test_svg_learning_curves_at_equal_steps(tmp_path):

@@ -948,12 +948,14 @@ def test_flatten_to_moves_the_dims_a_latent_is_shared_over_into_the_features():
     from pyro_avf.encoders import flatten_to
 
     x = torch.arange(24.0).reshape(2, 3, 4)  # (sequences, sensors, dim) against a latent batch (2, 1)
-    flat = flatten_to(x, torch.Size([2, 1]), "x")
+    flat = flatten_to(x, torch.Size([2, 1]), "x", shared=True)
     assert flat.shape == (2, 1, 12)
     assert torch.equal(flat[1, 0], x[1].reshape(-1))
     assert flatten_to(torch.ones(1, 5), torch.Size([3]), "x").shape == (3, 5)  # size 1 broadcasts, as before
     with pytest.raises(ValueError, match="cannot align site 'x'"):
-        flatten_to(torch.ones(4, 3), torch.Size([2, 1]), "x")
+        flatten_to(torch.ones(4, 3), torch.Size([2, 1]), "x", shared=True)
+    with pytest.raises(ValueError, match="cannot align site 'z'"):  # a latent's λ is written back: never moved
+        flatten_to(x, torch.Size([2, 1]), "z")
 
 
 def test_a_latent_shared_over_an_inner_plate_is_inferred_to_the_exact_step_posterior():

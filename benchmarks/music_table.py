@@ -8,6 +8,11 @@ of settings for every method that was run with them (SRNN size, dropout, crop le
 is printed in both normalisations beside the AVF paper's figure (Table 3, the JSB 5-iteration figure), with
 the gap in percent of the paper's number and the settings that were compared.
 
+A second table (:func:`over_seeds`) sums up each (data set, method) over its seeds: the mean and the sample
+standard deviation of the chosen runs' test scores, and the mean of the paired differences to the baseline of
+the same seed (over the seeds that both have), :math:`\bar d = \frac1n \sum_s (F_{s}^{m} - F_{s}^{base})`, with
+how many of those seeds the method is below the baseline.
+
 Usage::
 
     python benchmarks/music_table.py benchmarks/results/music_runs/*.csv
@@ -63,6 +68,44 @@ def select(runs: pd.DataFrame) -> pd.DataFrame:
     return chosen.reset_index(drop=True)
 
 
+def over_seeds(chosen: pd.DataFrame) -> pd.DataFrame:
+    """Per (data set, method): seeds, mean and standard deviation of the test scores in both normalisations,
+    and the paired difference to the same seeds' baseline (see the module docstring)."""
+    rows = []
+    for (dataset, method), group in chosen.groupby(["dataset", "method"], sort=True):
+        base = chosen[(chosen["dataset"] == dataset) & (chosen["method"] == "baseline")].set_index("seed")
+        paired = group.merge(base[["test", "test_paper"]].reset_index(), on="seed", suffixes=("", "_base"))
+        row = {"dataset": dataset, "method": method, "seeds": len(group), "paired": len(paired)}
+        for column in ("test", "test_paper"):
+            row[f"{column}_mean"] = group[column].mean()
+            row[f"{column}_sd"] = group[column].std(ddof=1) if len(group) > 1 else float("nan")
+            difference = paired[column] - paired[f"{column}_base"]
+            row[f"{column}_vs_baseline"] = difference.mean() if len(paired) else float("nan")
+            row[f"{column}_below_baseline"] = int((difference < 0).sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def seeds_markdown(summary: pd.DataFrame) -> str:
+    lines = [
+        "| data set | method | seeds | test, ours: mean ± sd | test, paper's: mean ± sd | vs baseline, ours "
+        "(seeds below) | vs baseline, paper's (seeds below) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(r, column: str) -> str:
+        sd = getattr(r, f"{column}_sd")
+        return f"{getattr(r, f'{column}_mean'):.3f}" + ("" if pd.isna(sd) else f" ± {sd:.3f}")
+
+    for r in summary.itertuples():
+        versus = ["—"] * 2 if r.method == "baseline" or not r.paired else [
+            f"{getattr(r, f'{c}_vs_baseline'):+.3f} ({getattr(r, f'{c}_below_baseline')} of {r.paired})"
+            for c in ("test", "test_paper")]  # fmt: skip
+        lines.append(f"| {r.dataset} | {r.method} | {r.seeds} | {cell(r, 'test')} | {cell(r, 'test_paper')} "
+                     f"| {versus[0]} | {versus[1]} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def markdown(chosen: pd.DataFrame) -> str:
     lines = [
         "| data set | method | seed | chosen settings (size/latents, dropout, crop) | of runs | epochs (best) "
@@ -89,6 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
     runs = pd.DataFrame([r for r in rows if r is not None]).astype({k: object for k in SETTINGS if k != "dropout"})
     chosen = select(runs)
     print(markdown(chosen))
+    print()
+    print(seeds_markdown(over_seeds(chosen)))
     return chosen
 
 

@@ -22,22 +22,20 @@ from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from pyro_avf.free_energy import StepContext
 from pyro_avf.global_sites import MeanFieldSites
 from pyro_avf.inference import (
     FinalRun,
     Lambda,
     StepInference,
-    StepResult,
-    StepRun,
     check_finite_observation,
-    detached,
     fresh_leaves,
     frozen_parameters,
+    online_final_run,
 )
 from pyro_avf.outer_guides import check_outer_latents_seen, outer_traces, share_outer_plate, take_outer_latent
-from pyro_avf.outer_stack import frames_above, new_message, process_outside, spread_factor, step_context
+from pyro_avf.outer_stack import frames_above, new_message, place_surrogate, process_outside, step_context
 from pyro_avf.passes import PassRecord
+from pyro_avf.pickling import PicklableGuide
 from pyro_avf.posterior import check_continuous_latent, check_family
 from pyro_avf.step import STEP_TYPE, check_not_in_markov_loop, has_filtering_step
 from pyro_avf.updates import UpdateNetworks, update_rule
@@ -49,10 +47,8 @@ JIT_REFUSAL = (
     "pyro_avf.AmortizedFilteringELBO (one pass, no model replay) or Trace_ELBO."
 )
 
-TRANSIENT = ("last_pass", "_pass", "_active", "_surrogate_site")  # a pass's state: not pickled
 
-
-class IterativeGuide(GuideMessenger, nn.Module):
+class IterativeGuide(PicklableGuide, GuideMessenger, nn.Module):
     r"""Amortized variational filtering guide for a Pyro model with a :func:`~pyro_avf.filtering_step`.
 
     :param callable model: the Pyro model.
@@ -180,23 +176,9 @@ class IterativeGuide(GuideMessenger, nn.Module):
         """Whether an online pass (see :meth:`run`) is in progress."""
         return self._pass is not None and self._pass.is_online
 
-    def __getstate__(self) -> Dict[str, object]:
-        # the param store tags each parameter it hands out with a weak reference to itself (re-made on every
-        # access); drop it, as ParamStoreDict.get_state does, so that torch.save(guide) can pickle the parameters
-        for p in self.parameters():
-            p.__dict__.pop("unconstrained", None)
-        state = super().__getstate__()  # GuideMessenger drops the trace
-        for transient in TRANSIENT:
-            state[transient] = None
-        return state
-
-    def __setstate__(self, state: Dict[str, object]) -> None:
-        # a guide pickled by an earlier version lacks what was added since: give it the defaults
-        name, init_scale = state.get("name", "avf"), state.get("init_scale", 0.1)
-        state.setdefault("global_sites", MeanFieldSites(f"{name}_global", init_scale))
-        for transient in TRANSIENT:
-            state.setdefault(transient, None)
-        super().__setstate__(state)
+    def state_defaults(self, state: Dict[str, object]) -> Dict[str, object]:
+        """What a guide pickled by an earlier version lacks (see :mod:`pyro_avf.pickling`)."""
+        return {"global_sites": MeanFieldSites(f"{state.get('name', 'avf')}_global", state.get("init_scale", 0.1))}
 
     def get_traces(self):
         r"""``(model_trace, guide_trace)`` of the latest call, as :class:`~pyro.poutine.guide.GuideMessenger`'s,
@@ -258,11 +240,9 @@ class IterativeGuide(GuideMessenger, nn.Module):
                 if record.shares_outer_plates:
                     check_outer_latents_seen(record.outer_traces, self.trace)
                 if record.surrogate is not None and not local_gradients:
-                    if record.outer_traces:  # an AutoGuideList, poutine.trace(guide): that trace is the guide's
-                        guide_factor = spread_factor(self, surrogate_name, record.surrogate)["fn"].log_factor
-                    else:  # the model trace of get_traces: loss = ... - log factor
-                        self._surrogate_site = spread_factor(self, surrogate_name, -record.surrogate)
-            if guide_factor is not None:  # loss = ... + log factor; the outer plates see it as they see the guide's
+                    self._surrogate_site, guide_factor = place_surrogate(self, surrogate_name, record.surrogate,
+                                                                         bool(record.outer_traces))  # fmt: skip
+            if guide_factor is not None:
                 pyro.factor(surrogate_name, guide_factor, has_rsample=True)
         finally:
             del self.args_kwargs
@@ -287,27 +267,16 @@ class IterativeGuide(GuideMessenger, nn.Module):
         result = self.inference(msg["fn"], msg["args"], msg["kwargs"], ctx, rec.t, kl_weight=rec.kl_weight,
                                 train=rec.train, keep=not rec.is_online)  # fmt: skip
         rec.add(result)
-        if rec.is_online:
-            self._finish_online(msg, ctx, result)
+        if rec.is_online:  # the final run is scored here: no trace, no graph leaves the step
+            run, msg["value"] = online_final_run(msg, ctx, result, self.posterior_family)
+            rec.finish_online(run)
+            msg["done"] = True
             return
         lambdas, graph = result.final, None
         if rec.local_gradients and rec.train and lambdas is not None and not self._local_return:
             graph, lambdas = lambdas, fresh_leaves(lambdas)
         self._active = FinalRun(result, lambdas, graph, self.posterior_family)
         rec.step_executions += 1
-
-    def _finish_online(self, msg: Message, ctx: StepContext, result: StepResult) -> None:
-        """Online filtering: the final run is scored here, nothing is traced and no graph leaves the step."""
-        with torch.no_grad():
-            run = StepRun(ctx, result.final, 1.0, self.posterior_family, check=not result.executions,
-                          prior_only=result.prior_only)  # the inference re-runs checked the sites
-            with run:
-                value = msg["fn"](*msg["args"], **msg["kwargs"])
-            run.raise_refusal()
-        self._pass.step_executions += 1
-        self._pass.finish_online(run)
-        self._pass.t += 1
-        msg["value"], msg["done"] = detached(value), True
 
     def _pyro_post_filtering_step(self, msg: Message) -> None:
         active, self._active = self._active, None
@@ -326,9 +295,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
             if active is None or not self.num_iterations:  # otherwise the inference re-runs checked it
                 check_finite_observation(name, msg["value"])
             if active is not None:
-                active.num_observed += 1
-                active.site_names.append(name)
-                msg["infer"]["avf_step"] = self._pass.t
+                active.note(msg, self._pass.t)
             # the model's trace (get_traces) keeps it with the plates, scale and mask of the handlers outside
             # the guide (a vectorized particle plate, poutine.scale(guide, ...)); their traces, such as the guide
             # trace of pyro.infer.Importance or RenyiELBO, see latent sites only, as with an AutoGuide
@@ -345,8 +312,7 @@ class IterativeGuide(GuideMessenger, nn.Module):
         msg["infer"]["prior"] = prior
         msg["infer"]["avf_lambda"] = self._lambda
         if active is not None:
-            active.site_names.append(name)
-            msg["infer"]["avf_step"] = self._pass.t
+            active.note(msg, self._pass.t)
             if not prior_only:
                 self.inference.check_slot(len(active.latent_names) - 1, name, self._lambda[0], prior)
         if len(q.batch_shape) <= len(prior.batch_shape) and q.batch_shape != prior.batch_shape:

@@ -285,6 +285,18 @@ class StepRun(Messenger):
         return torch.cat(parts, -1) if parts else like.new_zeros(batch_shape + (0,))
 
 
+def online_final_run(msg, ctx: StepContext, result: "StepResult", family: str = "diagonal") -> Tuple[StepRun, object]:
+    """Online filtering: the final run of the step of ``msg`` with the posteriors :math:`q_{\\lambda_K}` of
+    ``result``, scored with no trace or graph kept (constant memory per step). Returns the run and the step's
+    value, detached. The inference re-runs have checked the sites, unless there were none."""
+    with torch.no_grad():
+        run = StepRun(ctx, result.final, 1.0, family, check=not result.executions, prior_only=result.prior_only)
+        with run:
+            value = msg["fn"](*msg["args"], **msg["kwargs"])
+        run.raise_refusal()
+    return run, detached(value)
+
+
 @dataclass
 class StepResult:
     """What inference at one step returns.
@@ -507,6 +519,12 @@ class FinalRun:
         cond = self.draws.condition(lam, prior)
         self.latent_names.append(name)
         return site_posterior(cond, prior), cond
+
+    def note(self, msg, t: int) -> None:
+        """Take the site of ``msg`` (observed or latent) as one of step ``t``'s sites."""
+        self.site_names.append(msg["name"])
+        self.num_observed += msg["is_observed"]
+        msg["infer"]["avf_step"] = t
 
     def finish(self, trace, value, record, local_return: Optional[bool]) -> Tuple[object, Optional[bool]]:
         r"""Check the run, score it and add the update networks' final surrogate to ``record`` (a

@@ -25,7 +25,7 @@ Example: the plates and scale that the handlers around a guide give a site::
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Tuple
 
 import pyro.distributions as dist
 import torch
@@ -81,3 +81,15 @@ def spread_factor(handler: Messenger, name: str, log_factor: torch.Tensor) -> Me
     msg["fn"] = dist.Unit((log_factor / max(shape.numel(), 1)).expand(shape))
     msg["scale"], msg["mask"], msg["stop"], msg["done"] = 1.0, None, False, True
     return msg
+
+
+def place_surrogate(handler: Messenger, name: str, surrogate: torch.Tensor,
+                    outer_trace: bool) -> Tuple[Optional[Message], Optional[torch.Tensor]]:  # fmt: skip
+    r"""Where a pass's surrogate :math:`S` (value 0) reaches the loss: ``(site, None)``, a factor site of log
+    factor :math:`-S` for the model trace (the loss is :math:`\ldots - \log f`), or, when a trace outside
+    ``handler`` records the pass (an ``AutoGuideList``, ``poutine.trace(guide)``), ``(None, S')``: the log
+    factor of an auxiliary guide factor to add after the pass (the loss is :math:`\ldots + \log f`, and the
+    outer plates see it as they see the guide's sites)."""
+    if outer_trace:
+        return None, spread_factor(handler, name, surrogate)["fn"].log_factor
+    return spread_factor(handler, name, -surrogate), None

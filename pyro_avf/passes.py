@@ -93,6 +93,8 @@ class PassRecord:
             self.steps.append(result)
 
     def finish_online(self, run: StepRun) -> None:
-        """Take in the scored final run of an online step."""
+        """Take in the scored final run of an online step and move on to the next step."""
         self.last_run = run
         self.online.append(run.terms)
+        self.step_executions += 1
+        self.t += 1

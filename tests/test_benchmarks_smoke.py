@@ -24,6 +24,7 @@ import music_curves  # noqa: E402
 import music_table  # noqa: E402
 import plain_torch_srnn_avf as plain  # noqa: E402
 import speed  # noqa: E402
+import speed_breakdown  # noqa: E402
 import svg  # noqa: E402
 
 from pyro_avf import AmortizedFilteringELBO, IterativeGuide  # noqa: E402
@@ -110,6 +111,22 @@ def test_speed_reports_medians_and_ratios(config):
     assert all(0 < r["q25"] <= r["median"] <= r["q75"] for r in out["ratios"].values())
     assert out["reps"] == 2
     assert pyro.get_param_store().keys() == set()  # every method kept its parameters in its own scope
+
+
+def test_speed_breakdown_times_each_part_and_restores_the_functions():
+    from pyro_avf import inference, updates
+
+    originals = [getattr(obj, attr) for parts in speed_breakdown.PARTS.values() for obj, attr, _ in parts]
+    out = speed_breakdown.main(["--reps", "2", "--batch-size", "2", "--crop-length", "3", "--hidden-size", "16",
+                                "--model-size", "16"])  # fmt: skip
+    library, plain_parts = out["library_avf_k1"], out["plain_avf_k1"]
+    assert {"inference re-runs of the step", "update network", "scoring the final run"} <= set(library)
+    assert "step free energy (decoder + KL)" in plain_parts and "scoring the final run" not in plain_parts
+    for parts in (library, plain_parts):
+        timed = [v for k, v in parts.items() if k not in ("forward pass", "backward pass", "other (forward)")]
+        assert all(v > 0 for v in timed) and sum(timed) < parts["forward pass"]
+    assert [getattr(obj, attr) for parts in speed_breakdown.PARTS.values() for obj, attr, _ in parts] == originals
+    assert inference.StepInference._run is originals[0] and updates.UpdateNetwork.forward is originals[2]
 
 
 def test_speech_timing_setting_uses_speech_sizes_and_observation_encoding():
@@ -199,6 +216,19 @@ def test_music_table_selects_each_method_on_validation_not_on_test(tmp_path):
     assert chosen.loc["avf_k5", ["candidates", "cpu_hours"]].tolist() == [1, 2.0]
     lines = music_table.markdown(chosen.reset_index()).splitlines()
     assert lines[2].startswith("| jsb_chorales | avf_k5 | 0 | 128/32, 0, 25 | 1 | 2 (2) |")
+
+    history("srnn-jsb_chorales-baseline-seed1", 7.3, 7.2, 7.1, base)
+    history("srnn-jsb_chorales-avf_k5-seed1", 7.0, 7.4, 7.25, base)  # above the baseline at this seed
+    history("srnn-jsb_chorales-avf_k5-seed2", 7.0, 7.0, 6.9, base)  # no baseline of seed 2: not paired
+    chosen = music_table.main([str(p) for p in sorted(tmp_path.glob("*.csv"))])
+    summary = music_table.over_seeds(chosen).set_index("method")
+    assert summary.loc["avf_k5", ["seeds", "paired", "test_below_baseline"]].tolist() == [3, 2, 1]
+    assert summary.loc["avf_k5", "test_mean"] == pytest.approx((6.9 + 7.4 + 7.0) / 3)
+    assert summary.loc["avf_k5", "test_vs_baseline"] == pytest.approx(((6.9 - 7.5) + (7.4 - 7.2)) / 2)
+    assert summary.loc["avf_k5", "test_paper_sd"] == pytest.approx(pd.Series([6.77, 7.25, 6.9]).std())
+    assert summary.loc["baseline", "seeds"] == 2 and summary.loc["baseline", "test_vs_baseline"] == 0.0
+    rows = music_table.seeds_markdown(summary.reset_index()).splitlines()
+    assert rows[2].startswith("| jsb_chorales | avf_k5 | 3 | 7.100 ± 0.265 |") and "(1 of 2)" in rows[2]
 
 
 def test_svg_learning_curves_at_equal_steps(tmp_path):

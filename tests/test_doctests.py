@@ -8,8 +8,8 @@ import pytest
 MODULES = [
     "pyro_avf.step", "pyro_avf.guide", "pyro_avf.elbo", "pyro_avf.inference", "pyro_avf.updates",
     "pyro_avf.encoders", "pyro_avf.posterior", "pyro_avf.free_energy", "pyro_avf.run_folder", "pyro_avf.sequences",
-    "pyro_avf.transition", "pyro_avf.outer_guides", "pyro_avf.global_sites",
-    "pyro_avf.checkpoints", "pyro_avf.trainer", "pyro_avf.training", "pyro_avf.evaluation",
+    "pyro_avf.transition", "pyro_avf.outer_guides", "pyro_avf.global_sites", "pyro_avf.pickling",
+    "pyro_avf.outer_stack", "pyro_avf.checkpoints", "pyro_avf.trainer", "pyro_avf.training", "pyro_avf.evaluation",
 ]  # fmt: skip
 
 

@@ -50,14 +50,13 @@ PARTS = {  # (object, attribute, label)
 }
 
 
-def timed(fn: Callable, label: str, totals: Dict[str, float], calls: Dict[str, int]) -> Callable:
+def timed(fn: Callable, label: str, totals: Dict[str, float]) -> Callable:
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             totals[label] += time.perf_counter() - start
-            calls[label] += 1
 
     return wrapper
 
@@ -66,10 +65,9 @@ def breakdown(method: speed.Method, parts, xs, mask, reps: int) -> Dict[str, Lis
     """Per-pass milliseconds of each part, of the whole forward pass and of the backward pass, ``reps`` times."""
     rows: Dict[str, List[float]] = collections.defaultdict(list)
     totals: Dict[str, float] = collections.defaultdict(float)
-    calls: Dict[str, int] = collections.defaultdict(int)
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in parts]
     for obj, attr, label in parts:
-        setattr(obj, attr, timed(getattr(obj, attr), label, totals, calls))
+        setattr(obj, attr, timed(getattr(obj, attr), label, totals))
     try:
         for _ in range(reps):
             totals.clear()

@@ -23,7 +23,7 @@ import torch
 from pyro.infer.elbo import ELBO
 from pyro.poutine.messenger import Messenger, _context_wrap
 
-from pyro_avf.free_energy import Terms, score_site, stack_terms
+from pyro_avf.free_energy import Terms, check_plate_shape, score_site, stack_terms
 from pyro_avf.guide import IterativeGuide
 
 
@@ -87,6 +87,7 @@ class AmortizedFilteringELBO(ELBO):
             infer = site["infer"]
             if site["type"] != "sample" or infer.get("_deterministic") or infer.get("avf_step") is not None:
                 continue
+            check_plate_shape(site)
             score_site(other, site, site["fn"], guide.trace.nodes[site["name"]]["fn"], site["infer"].get("avf_lambda"))
         loss = sum((t.loss for t in step_terms), other.loss)
         for surrogate in (record.final_surrogate, record.surrogate if self.train_all_iterations else None):

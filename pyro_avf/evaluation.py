@@ -33,7 +33,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
-from pyro_avf.free_energy import SequenceScores, StepContext, Terms, score_site, stack_terms
+from pyro_avf.free_energy import SequenceScores, StepContext, Terms, check_plate_shape, score_site, stack_terms
 from pyro_avf.guide import IterativeGuide
 from pyro_avf.online import streamed_sequence_scores
 from pyro_avf.posterior import normal_parameters
@@ -91,6 +91,7 @@ def score_replayed(model_trace, guide_trace, contexts: List[StepContext]) -> Lis
         t = site["infer"].get("avf_step") if site["type"] == "sample" else None
         if t is None:
             continue
+        check_plate_shape(site)
         q = None if site["is_observed"] else guide_trace.nodes[name]["fn"]
         params = None if q is None else normal_parameters(q)
         score_site(terms[t], site, site["fn"], q, None if params is None else (params[0], params[1].log()))

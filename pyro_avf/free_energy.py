@@ -216,6 +216,53 @@ def check_observation_shape(name: str, fn, value) -> None:
         )
 
 
+def check_plate_shape(site: dict) -> None:
+    r"""Refuse a site (a processed Pyro message or trace node) whose log-probability would have a batch dim
+    that no plate declares, left of every plate, or a plate's dim of another size than the plate's: the step
+    free energy sums each site over the dims that are not outer plates, so such a dim would be summed silently
+    (Pyro's ``Trace_ELBO`` reports it as "invalid log_prob shape"). The shape checked is the broadcast of the
+    distribution's batch shape, the observed value's batch part and the site's mask. A site in no plate at
+    all is not checked: a static model without plates takes its batch from its first site.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> def model():
+        ...     with pyro.plate("seq", 6, dim=-1):
+        ...         pyro.sample("z", dist.Normal(torch.zeros(4, 6), 1.0))  # an unplated batch dim
+        >>> site = pyro.poutine.trace(model).get_trace().nodes["z"]
+        >>> check_plate_shape(site)
+        Traceback (most recent call last):
+        ...
+        ValueError: pyro_avf: site 'z' has batch shape (4, 6), but its plates are seq (dim -1, size 6): dim -2 ...
+    """
+    plates = {f.dim: f for f in site["cond_indep_stack"] if f.dim is not None and f.vectorized}
+    if not plates:
+        return
+    fn, value, mask = site["fn"], site["value"], site["mask"]
+    shape = fn.batch_shape
+    try:
+        if site["is_observed"] and isinstance(value, torch.Tensor):
+            shape = torch.broadcast_shapes(shape, value.shape[: max(value.dim() - len(fn.event_shape), 0)])
+        if isinstance(mask, torch.Tensor):
+            shape = torch.broadcast_shapes(shape, mask.shape)
+    except RuntimeError:
+        return  # check_observation_shape names a value that does not fit its distribution
+    leftmost = max(-d for d in plates)
+    for d in range(-len(shape), 0):
+        plate = plates.get(d)
+        if (shape[d] in (1, plate.size)) if plate is not None else (-d <= leftmost or shape[d] == 1):
+            continue
+        names = ", ".join(f"{f.name} (dim {f.dim}, size {f.size})" for _, f in sorted(plates.items()))
+        where = f"plate {plate.name!r} has size {plate.size}" if plate is not None else "it is in no plate"
+        raise ValueError(
+            f"pyro_avf: site '{site['name']}' has batch shape {tuple(shape)}, but its plates are {names}: dim "
+            f"{d} has size {shape[d]} and {where}, so its free energy would be summed over that dim silently. "
+            "Enclose the site in a pyro.plate for it, .to_event(...) the distribution, or check the shapes of "
+            "its parameters, its observed value and its mask."
+        )
+
+
 def score_site(terms: Terms, site: dict, prior=None, q=None, q_params=None) -> None:
     r"""Add one sample site (a Pyro message or trace node) to the step free energy ``terms``.
 

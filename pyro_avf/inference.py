@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import pyro
 import torch
@@ -43,7 +43,7 @@ from torch.distributions import biject_to
 from torch.utils._pytree import tree_map
 
 from pyro_avf.encoders import flatten_to
-from pyro_avf.free_energy import StepContext, Terms, combine_masks, score_site
+from pyro_avf.free_energy import StepContext, Terms, check_plate_shape, combine_masks, score_site
 from pyro_avf.posterior import (
     JointDraws,
     check_continuous_latent,
@@ -204,6 +204,8 @@ class StepRun(Messenger):
         if site_is_subsample(msg):
             return
         name, fn = msg["name"], msg["fn"]
+        if self.check:
+            check_plate_shape(msg)
         if msg["is_observed"]:
             if self.check:
                 check_finite_observation(name, msg["value"])
@@ -396,17 +398,10 @@ class StepInference:
         # the first run of a step checks its data and latent sites; the re-runs see the same sites
         run = StepRun(ctx, lambdas, kl_weight, self.family, check=result.executions == 0,
                       antithetic=None if partner is None else partner.noise, keep_noise=keep_noise)  # fmt: skip
-        try:
-            with run:
-                fn(*args, **kwargs)
-        except RuntimeError as e:
-            if str(e).startswith("pyro_avf"):
-                raise
-            raise RuntimeError(
-                f"pyro_avf: filtering step '{getattr(fn, '__qualname__', fn)}' failed at step {result.t} while "
-                f"inferring its posterior: {e}\n(the step's tensor arguments have shapes "
-                f"{_shapes((args, kwargs))})"
-            ) from e
+        with explained(lambda e: f"filtering step '{getattr(fn, '__qualname__', fn)}' failed at step {result.t} "
+                       f"while inferring its posterior: {e}\n(the step's tensor arguments have shapes "
+                       f"{_shapes((args, kwargs))})"), run:  # fmt: skip
+            fn(*args, **kwargs)
         result.executions += 1
         return run
 
@@ -450,6 +445,18 @@ class StepInference:
         if keep and leaves is not None:
             result.lambdas.append(detached(leaves))
         result.final = current if train else detached(current)
+
+
+@contextlib.contextmanager
+def explained(why: Callable[[Exception], str], errors=(RuntimeError,)):
+    """Re-raise an error of the user's code (one of ``errors``) as a ``RuntimeError("pyro_avf: " + why(e))``
+    that says what the library was doing; pyro_avf's own errors pass unchanged."""
+    try:
+        yield
+    except errors as e:
+        if str(e).startswith("pyro_avf"):
+            raise
+        raise RuntimeError("pyro_avf: " + why(e)) from e
 
 
 def fresh_leaves(lambdas: List[Lambda]) -> List[Lambda]:
@@ -545,6 +552,9 @@ class FinalRun:
                 "posterior is the prior (a forecast). If it should observe data, pass obs= or poutine.condition.",
                 stacklevel=4,
             )
+        if not self.result.executions:  # no inference run checked the step's sites (K = 0)
+            for name in self.site_names:
+                check_plate_shape(trace.nodes[name])
         detach = record.train and self.lambdas is not None and self.graph is None
         if record.local_gradients:  # AmortizedFilteringELBO reads the terms of every step's final run
             terms = Terms(self.result.ctx.batch_shape, record.kl_weight)

@@ -62,7 +62,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from pyro_avf.free_energy import SequenceScores
 from pyro_avf.guide import IterativeGuide
-from pyro_avf.inference import Lambda, detached
+from pyro_avf.inference import Lambda, detached, explained
 from pyro_avf.posterior import JointDraws, site_posterior
 from pyro_avf.transition import StepModel, missing_members, plate_name
 
@@ -251,7 +251,9 @@ class OnlineFilter:
     :param model: a step model (wrapped in a :class:`StepStream`), or an object with ``init(state, ...)`` and
         ``step(state, ...)`` (see the module docstring).
     :param IterativeGuide guide: a (trained) guide; its update networks are used as they are, not trained.
-    :param int predict_steps: k of the k-step-ahead predictive returned by every :meth:`step` (0: none).
+    :param int predict_steps: k of the k-step-ahead predictive returned by every :meth:`step` (0: none); the
+        future is simulated by running the model's step with the observation None (``advance`` with
+        ``x_t=None``, or ``step(state, None)``), which must then sample it.
     :param int num_samples: P, the simulated futures per stream that form a predictive mixture.
 
     Example::
@@ -335,7 +337,11 @@ class OnlineFilter:
             with _DrawLatents(repeat_streams(lambdas, times), family):  # z_t ~ q(z_t), x_t as observed
                 filtered = poutine.trace(self.model.step).get_trace(state, *args, **kwargs)
             for _ in range(k):
-                simulated = poutine.trace(self.model.step).get_trace(state, None)
+                with explained(lambda e: f"predicting {k} step(s) ahead simulates the future as model.step(state, "
+                               f"None), which failed: {type(e).__name__}: {e}. The model's step must accept None as "
+                               "its observation and then sample it (take batch sizes from the state, not from the "
+                               "data), or filter with predict_steps=0.", errors=(Exception,)):  # fmt: skip
+                    simulated = poutine.trace(self.model.step).get_trace(state, None)
         pattern = [s["is_observed"] for s in _sample_sites(filtered)]
         sites = _sample_sites(simulated)
         if len(sites) != len(pattern):

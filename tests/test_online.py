@@ -221,3 +221,40 @@ def test_streamed_baseline_refuses_bad_observations():
     with pytest.raises(ValueError):
         stream.baseline_traces(state, bad)
     assert state["t"] == 0  # nothing advanced on refused input
+
+
+@filtering_step
+def volatility_step(t, h_prev, y):
+    h = pyro.sample(f"h_{t}", dist.Normal(0.95 * h_prev, 0.3))
+    pyro.sample(f"y_{t}", dist.Normal(0.0, (h / 2).exp()), obs=y)
+    return h
+
+
+class PlateFromData:
+    """SMCFilter-shaped, with the plate's size taken from the observation: it cannot simulate (y is None)."""
+
+    def init(self, state, batch_size=3):
+        state["h"], state["t"] = torch.zeros(batch_size), 0
+
+    def step(self, state, y):
+        with pyro.plate("series", y.shape[0]):
+            state["h"] = volatility_step(state["t"], state["h"], y)
+        state["t"] += 1
+
+
+def test_a_model_that_cannot_simulate_is_told_why_when_predicting():
+    def model(ys):
+        with pyro.plate("series", ys.shape[0]):
+            h = torch.zeros(ys.shape[0])
+            for t in pyro.markov(range(ys.shape[1])):
+                h = volatility_step(t, h, ys[:, t])
+
+    guide = IterativeGuide(model, num_iterations=1, hidden_size=8)
+    ys = torch.randn(3, 4)
+    f = OnlineFilter(PlateFromData(), guide)
+    f.init(batch_size=3)
+    assert f.step(ys[:, 0]).free_energy.shape == (3,)  # filtering alone works
+    f = OnlineFilter(PlateFromData(), guide, predict_steps=1, num_samples=4)
+    f.init(batch_size=3)
+    with pytest.raises(RuntimeError, match=r"model.step\(state, None\), which failed: AttributeError.*accept None"):
+        f.step(ys[:, 0])

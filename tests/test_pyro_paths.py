@@ -544,6 +544,55 @@ def test_wrong_data_shape_names_the_site_and_both_shapes(validation):
     assert "(8, 4)" in message and "(8, 3)" in message, message
 
 
+@pyro_avf.filtering_step
+def step_with_mask(t, z_prev, x_t, m_t, dims):
+    with dims:
+        z = pyro.sample(f"z_{t}", dist.Normal(0.9 * z_prev, 0.5).mask(m_t))
+        pyro.sample(f"x_{t}", dist.Normal(z, 0.3).mask(m_t), obs=x_t)
+    return z
+
+
+def model_masked_per_element(xs, mask):
+    """Sequences at dim -2, the two coordinates at dim -1; ``mask`` (B, T, 1) or, wrongly, (B, T, 1, 1)."""
+    dims = pyro.plate("dims", 2, dim=-1)
+    with pyro.plate("sequences", xs.size(0), dim=-2):
+        z = xs.new_zeros(xs.size(0), 2)
+        for t in pyro.markov(range(xs.size(1))):
+            z = step_with_mask(t, z, xs[:, t], mask[:, t], dims)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_a_batch_dim_in_no_plate_is_refused_not_summed(k):
+    """A mask of shape (B, 1, 1) broadcasts the sites to (B, B, 2): the step free energy would sum the
+    extra dim away (silently B times the free energy); like Trace_ELBO's "invalid log_prob shape", the guide
+    refuses it and names the site and its plates, with any ELBO. The right mask scores."""
+    xs = data(B=4, T=3)
+    right = torch.ones(4, 3, 1, dtype=torch.bool)
+    wrong = right.unsqueeze(-1)
+    guide = IterativeGuide(model_masked_per_element, num_iterations=k, hidden_size=16)
+    elbo = AmortizedFilteringELBO()
+    assert math.isfinite(elbo.loss(model_masked_per_element, guide, xs, right))
+    refusal = r"site 'z_0' has batch shape \(4, 4, 2\).*dim -3 has size 4 and it is in no plate"
+    with pytest.raises(ValueError, match=refusal):
+        elbo.loss(model_masked_per_element, guide, xs, wrong)
+    with pytest.raises(ValueError, match=r"site 'z_0' has batch shape \(4, 4, 2\)"):  # before Pyro's check
+        Trace_ELBO().loss(model_masked_per_element, guide, xs, wrong)
+
+
+def test_an_observation_with_an_unplated_batch_dim_is_refused():
+    """Data (3, B, D) broadcasts against the step's (B,) x (D,) observation: 3 copies would be summed."""
+
+    def model(xs):
+        with pyro.plate("sequences", xs.size(0)):
+            z = xs.new_zeros(xs.size(0), xs.size(2))
+            for t in pyro.markov(range(xs.size(1))):
+                z = readme_step(t, z, xs[:, t].expand(3, *xs[:, t].shape))
+
+    guide = IterativeGuide(model, num_iterations=2, hidden_size=16)
+    with pytest.raises(ValueError, match=r"site 'x_0' has batch shape \(3, 4\).*dim -2 has size 3"):
+        AmortizedFilteringELBO().loss(model, guide, data(B=4, T=3))
+
+
 # ----- 9. devices -----
 
 

@@ -4,7 +4,8 @@ Reads the run histories kept in ``benchmarks/results/music_runs`` (``results.csv
 renamed ``srnn-<dataset>-<method>-seed<seed>[-<tag>].csv``, each beside its ``.config.json``), and for every
 (data set, method, seed) selects, among the runs that were scored on the test songs, the one with the lowest
 validation free energy per step (our normalisation): model selection on validation only, over the same grid
-of settings for every method that was run with them (SRNN size, dropout, crop length, epochs). Its test score
+of settings for every method that was run with them (SRNN size, dropout, crop length, epochs, the
+patience of the learning-rate drop). Its test score
 is printed in both normalisations beside the AVF paper's figure (Table 3, the JSB 5-iteration figure), with
 the gap in percent of the paper's number and the settings that were compared.
 
@@ -34,7 +35,7 @@ PAPER = {  # the AVF paper's test free energies (nats/step, its normalisation)
     ("muse_data", "baseline"): 6.27, ("muse_data", "avf_k5"): 5.99,
     ("nottingham", "baseline"): 3.19, ("nottingham", "avf_k5"): 3.13,
 }  # fmt: skip
-SETTINGS = ("model_size", "z_dim", "dropout", "crop_length")
+SETTINGS = ("model_size", "z_dim", "dropout", "crop_length", "lr_drop_patience")
 
 
 def run_row(path: Path) -> Optional[dict]:
@@ -108,13 +109,14 @@ def seeds_markdown(summary: pd.DataFrame) -> str:
 
 def markdown(chosen: pd.DataFrame) -> str:
     lines = [
-        "| data set | method | seed | chosen settings (size/latents, dropout, crop) | of runs | epochs (best) "
-        "| valid, ours | **test, ours** | **test, paper's** | paper | gap |",
+        "| data set | method | seed | chosen settings (size/latents, dropout, crop, LR-drop patience) | of runs "
+        "| epochs (best) | valid, ours | **test, ours** | **test, paper's** | paper | gap |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in chosen.itertuples():
         settings = "not kept" if pd.isna(r.model_size) else (
-            f"{int(r.model_size)}/{int(r.z_dim)}, {r.dropout:g}, {int(r.crop_length)}")  # fmt: skip
+            f"{int(r.model_size)}/{int(r.z_dim)}, {r.dropout:g}, {int(r.crop_length)}, "
+            f"{'—' if pd.isna(r.lr_drop_patience) else int(r.lr_drop_patience)}")  # fmt: skip
         gap = "" if pd.isna(r.paper) else f"{r.gap_percent:+.1f} %"
         paper = "—" if pd.isna(r.paper) else f"{r.paper:.2f}"
         lines.append(

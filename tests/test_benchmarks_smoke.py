@@ -208,14 +208,15 @@ def test_music_table_selects_each_method_on_validation_not_on_test(tmp_path):
     history("srnn-jsb_chorales-baseline-seed0", 7.4, 7.3, 7.2, base)
     history("srnn-jsb_chorales-baseline-seed0-d0.5", 7.1, 7.5, 7.0, {**base, "dropout": 0.5})  # worse test
     history("srnn-jsb_chorales-avf_k5-seed0", 7.0, 6.9, 6.77, base)
+    history("srnn-jsb_chorales-avf_k5-seed0-p4", 7.05, 6.5, 6.4, {**base, "lr_drop_patience": 4})  # valid worse
     pd.DataFrame({"epoch": [1], "valid_free_energy_per_step": [6.0]}).to_csv(  # never tested: left out
         tmp_path / "srnn-jsb_chorales-avf_k5-seed0-e800.csv", index=False)
     chosen = music_table.main([str(p) for p in sorted(tmp_path.glob("*.csv"))]).set_index("method")
     assert chosen.loc["baseline", ["dropout", "test", "candidates"]].tolist() == [0.5, 7.5, 2]
     assert chosen.loc["baseline", "gap_percent"] == pytest.approx(100 * (7.0 / 6.92 - 1))
-    assert chosen.loc["avf_k5", ["candidates", "cpu_hours"]].tolist() == [1, 2.0]
+    assert chosen.loc["avf_k5", ["candidates", "cpu_hours", "test"]].tolist() == [2, 2.0, 6.9]
     lines = music_table.markdown(chosen.reset_index()).splitlines()
-    assert lines[2].startswith("| jsb_chorales | avf_k5 | 0 | 128/32, 0, 25 | 1 | 2 (2) |")
+    assert lines[2].startswith("| jsb_chorales | avf_k5 | 0 | 128/32, 0, 25, — | 2 | 2 (2) |")
 
     history("srnn-jsb_chorales-baseline-seed1", 7.3, 7.2, 7.1, base)
     history("srnn-jsb_chorales-avf_k5-seed1", 7.0, 7.4, 7.25, base)  # above the baseline at this seed
